@@ -1,0 +1,3 @@
+from segdist.cli import main
+
+raise SystemExit(main())

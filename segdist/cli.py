@@ -1,0 +1,87 @@
+"""The ``segdist`` command line: one module per subcommand under ``segdist.commands``.
+
+Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
+Modules are imported only when their command runs, so ``segdist --help`` does not import torch or
+ray. A :class:`~segdist.errors.SegdistError` becomes one clear message on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from segdist import __version__
+from segdist.errors import SegdistError
+
+# command name -> module under segdist.commands
+COMMANDS = {
+    "demo": "demo",
+    "sample-data": "sample_data",
+    "generate": "generate",
+    "submit": "submit",
+    "jobs": "jobs",
+    "evaluate": "evaluate",
+    "train": "train",
+    "export": "export",
+    "show": "show",
+    "convert-t7": "convert_t7",
+    "bench": "bench",
+}
+
+_HELP_FALLBACK = {
+    "demo": "whole pipeline on a synthetic dataset: train, generate, evaluate, compare",
+    "sample-data": "write a deterministic synthetic COCO or VOC dataset",
+    "generate": "precompute proposals for a dataset (the Ray job)",
+    "submit": "submit a generate/evaluate/train run to a Ray cluster through the Jobs API",
+    "jobs": "status, logs or stop of a submitted job",
+    "evaluate": "average recall of proposals (sharded, exact), with a report and plots",
+    "train": "train DeepMask or SharpMask (Ray Train)",
+    "export": "export proposals for Detectron2, MMDetection or the original layout",
+    "show": "draw the top proposals over an image",
+    "convert-t7": "convert an original DeepMask/SharpMask model.t7 to a segdist checkpoint",
+    "bench": "images/s and peak memory per model preset",
+}
+
+
+def _load(name: str):
+    return importlib.import_module(f"segdist.commands.{COMMANDS[name]}")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"segdist {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name in COMMANDS:
+        if name == chosen:
+            mod = _load(name)
+            p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+        else:
+            sub.add_parser(name, help=_HELP_FALLBACK[name], add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args._run(args) or 0)
+    except SegdistError as exc:
+        print(f"segdist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"segdist {args.command}: interrupted", file=sys.stderr)
+        return 130

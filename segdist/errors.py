@@ -1,0 +1,30 @@
+"""Typed errors that the CLI turns into one clear message (no traceback) and a non-zero exit."""
+
+
+class SegdistError(Exception):
+    """Base class: a problem the user can fix (bad config, unreadable input, refused output)."""
+
+
+class ConfigError(SegdistError):
+    """A run config or CLI override is invalid; the message names the field and allowed values."""
+
+
+class StorageError(SegdistError):
+    """A URI cannot be read or written (missing, no permission, unknown protocol)."""
+
+
+class ImageDecodeError(SegdistError):
+    """An image file is missing, empty, truncated, corrupt, too large or of an unknown format.
+
+    Attributes:
+        uri: the file that failed.
+        reason: a short human-readable reason.
+    """
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"cannot decode image {uri}: {reason}")
+        self.uri = uri
+        self.reason = reason
+
+    def __reduce__(self):  # keep both fields across pickling (Ray ships errors between processes)
+        return (type(self), (self.uri, self.reason))

@@ -1,0 +1,137 @@
+"""Object storage through fsspec URIs (local paths, file://, s3://, gs://, memory://).
+
+Every write that produces a final output goes through :func:`atomic_write`: a file never appears at
+its final name half-written. Locally the bytes go to a temporary file in the same directory and are
+renamed into place (``os.replace`` is atomic on POSIX). On object stores the object is uploaded in
+one PUT (or a multipart upload that only becomes visible when completed), which is atomic by the
+stores' semantics. Credentials come from the environment or from ``storage_options``; they are never
+logged (see :func:`redact`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from segdist.errors import StorageError
+
+_SECRET_KEYS = ("key", "secret", "token", "password", "credential", "session")
+
+
+def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """Return ``(filesystem, path)`` for ``uri``; raises StorageError for an unknown protocol."""
+    try:
+        fs, path = fsspec.core.url_to_fs(str(uri), **dict(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(
+            f"cannot open {uri!r}: {exc}. Use a local path or an fsspec URI such as "
+            "s3://bucket/prefix (needs s3fs) or gs://bucket/prefix (needs gcsfs)."
+        ) from exc
+    return fs, path
+
+
+def is_local(uri: str) -> bool:
+    fs, _ = url_to_fs(uri)
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with '/', keeping the protocol (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
+    base = str(base)
+    if "://" in base:
+        proto, rest = base.split("://", 1)
+        return proto + "://" + posixpath.join(rest, *parts)
+    return os.path.join(base, *parts)
+
+
+def read_bytes(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"{uri} does not exist") from exc
+    except PermissionError as exc:
+        raise StorageError(f"no permission to read {uri}") from exc
+
+
+def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = url_to_fs(uri, storage_options)
+    return fs.exists(path)
+
+
+def atomic_write(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``data`` to ``uri`` so that readers see either nothing or the whole file."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        if isinstance(fs, LocalFileSystem):
+            directory = os.path.dirname(path) or "."
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+        else:
+            # One PUT (s3fs switches to a multipart upload for large bodies, which stays invisible
+            # until completed): never a partial object at the final key.
+            fs.pipe_file(path, data)
+    except PermissionError as exc:
+        raise StorageError(f"no permission to write {uri}") from exc
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[io.BytesIO]:
+    """Binary file-like object whose contents land at ``uri`` only if the block exits cleanly.
+
+    An exception (or a killed process) inside the block leaves nothing at ``uri``.
+    """
+    buf = io.BytesIO()
+    yield buf
+    atomic_write(uri, buf.getvalue(), storage_options)
+
+
+def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Fail fast, with a clear message, if nothing can be written under the directory ``uri``."""
+    probe = join(uri, f".segdist-write-check-{uuid.uuid4().hex}")
+    try:
+        atomic_write(probe, b"ok", storage_options)
+    except StorageError as exc:
+        raise StorageError(
+            f"output location {uri} is not writable ({exc}); check the URI, the bucket, "
+            "and the credentials (environment or output.storage_options)"
+        ) from exc
+    fs, path = url_to_fs(probe, storage_options)
+    with contextlib.suppress(Exception):
+        fs.rm_file(path)
+
+
+def redact(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Copy of storage options with every secret-looking value replaced by '***' (for logs/outputs)."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, Mapping):
+            out[k] = redact(v)
+        elif any(s in k.lower() for s in _SECRET_KEYS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

@@ -1,0 +1,70 @@
+"""Shared fixtures: a real S3-compatible server on loopback (moto) and a real local Ray cluster.
+
+Nothing here mocks a client: s3fs, pyarrow and boto3 talk HTTP to moto's server on 127.0.0.1, and
+Ray runs real worker processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL of a moto S3 server on loopback, with dummy credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    })
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # Processes started later (Ray workers, CLI subprocesses) find the server through these.
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the loopback server; returns (bucket_name, storage_options for s3fs)."""
+    import boto3
+    import s3fs
+
+    name = "t-" + request.node.name.lower().replace("_", "-").replace("[", "-").replace("]", "")[:40]
+    name = "".join(c for c in name if c.isalnum() or c == "-").strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield name, {"client_kwargs": {"endpoint_url": s3_server}}
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster for the whole session (4 logical CPUs on loopback)."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not ray.is_initialized():
+        ray.init(
+            address="local", num_cpus=4, num_gpus=0, include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024, log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
+    yield ray
+    ray.shutdown()
