@@ -12,11 +12,13 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# constraints.txt pins every dependency to a set that was resolved and tested together: installs
+# are reproducible and skip pip's slow backtracking (boto3 vs aiobotocore's botocore pin).
 install: $(VENV)/bin/activate
-	$(PIP) install -q -e .
+	$(PIP) install -q -c constraints.txt -e .
 
 install-test: $(VENV)/bin/activate
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
 
 demo: install
 	$(VENV)/bin/segdist demo

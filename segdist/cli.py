@@ -50,7 +50,10 @@ def _load(name: str):
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segdist", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="segdist",
+        description="Dataset-scale object proposals (DeepMask, SharpMask, Mask R-CNN) on Ray.",
+    )
     parser.add_argument("--version", action="version", version=f"segdist {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
