@@ -11,6 +11,7 @@ manifest.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -141,7 +142,7 @@ def _set_path(d: dict, dotted: str, value: Any) -> None:
 
 def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     """Apply ``key.path=value`` strings (value parsed as YAML: numbers, lists, null)."""
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # never mutate the caller's (possibly shared) nested dicts
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. model.scales.max=1.0")
