@@ -13,6 +13,11 @@ class StorageError(SegdistError):
     """A URI cannot be read or written (missing, no permission, unknown protocol)."""
 
 
+class DatasetError(SegdistError):
+    """A dataset's annotation files are missing or malformed; the message names the file, the
+    key or element, and what was expected."""
+
+
 class ImageDecodeError(SegdistError):
     """An image file is missing, empty, truncated, corrupt, too large or of an unknown format.
 
