@@ -94,12 +94,24 @@ class ModelConfig(_Strict):
     memory_budget_mb: int = Field(default=1024, ge=16)
 
 
+OUTPUT_URI_PLACEHOLDER = "SET-ME"
+
+
 class OutputConfig(_Strict):
     uri: str
     formats: list[Literal["coco-json", "parquet"]] = Field(default_factory=lambda: ["coco-json", "parquet"])
     chunk_size: int = Field(default=500, ge=1)
     gzip: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("uri")
+    @classmethod
+    def _not_placeholder(cls, v):
+        # configs/ ship with this placeholder: the output location is the one thing to fill in.
+        if OUTPUT_URI_PLACEHOLDER in v:
+            raise ValueError(f"output.uri is still the placeholder {v!r}: set it to where the "
+                             "proposals should go, e.g. --set output.uri=s3://my-bucket/proposals/run1")
+        return v
 
     @field_validator("formats")
     @classmethod

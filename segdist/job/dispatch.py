@@ -1,0 +1,278 @@
+"""The driver's work queue: chunks to actors, with per-chunk attempts and worker replacement.
+
+Why not ``ray.util.ActorPool``: it does not route around an actor that died, and it cannot say
+which chunk was lost with it. Here the driver keeps the queue itself:
+
+- every worker slot holds one :class:`~segdist.job.worker.ChunkWorker` actor and up to ``depth``
+  chunks in flight (two by default: one decoding/writing while the other runs the model);
+- a chunk whose attempt fails goes back to the queue; after ``max_chunk_attempts`` failed attempts
+  it is reported failed and the rest of the job carries on;
+- an actor that died (crash, out of memory, lost node) is killed for good and replaced by a fresh
+  actor in the same slot (a replacement costs the same model load as a Ray restart would, and keeps
+  the accounting of which chunks were lost exact); a slot gives up after ``max_replacements``;
+- when an actor dies with several chunks in flight, nobody knows which one killed it: each gets an
+  attempt counted, and is then retried *solo* (alone on its worker), so an innocent chunk loses at
+  most one attempt to a poisonous neighbour.
+
+Retried chunks rewrite the same deterministic files atomically, so a retry never duplicates output.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayError, RayTaskError
+
+from segdist.errors import SegdistError
+from segdist.job.plan import ChunkSpec
+from segdist.job.state import ChunkRecord
+from segdist.job.worker import ChunkWorker, WorkerInfo, WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkFailure:
+    """A chunk given up on after its attempts: the last error of each attempt."""
+
+    index: int
+    attempts: int
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DispatchStats:
+    workers_started: int = 0
+    workers_replaced: int = 0
+    attempts_failed: int = 0
+    worker_infos: list[WorkerInfo] = field(default_factory=list)
+
+
+@dataclass
+class _Slot:
+    number: int
+    actor: Any = None
+    generation: int = 0
+    ready: bool = False
+    retired: bool = False
+    replacements: int = 0
+    inflight: set[int] = field(default_factory=set)
+    solo: bool = False  # running a chunk that must not share the worker
+
+
+def _short(exc: BaseException) -> str:
+    """The first lines of an error, without Ray's long traceback wrapping."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        exc = exc.cause
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[:3])[:500]
+
+
+class Dispatcher:
+    """Runs chunks on a set of ChunkWorker actors until each is committed or has failed.
+
+    Args:
+        settings: shipped to every worker's constructor.
+        num_workers: actors (slots) to start.
+        actor_options: ``ray.remote`` options (num_gpus, num_cpus, runtime_env, ...).
+        max_chunk_attempts: attempts before a chunk is reported failed.
+        max_replacements: how many times one slot may replace a dead actor.
+        depth: chunks in flight per worker.
+        on_first_worker: called with the first worker's WorkerInfo before any chunk is sent (the
+            driver checks the model identity there; an exception aborts the run).
+        on_done / on_failed_attempt / on_tick: progress callbacks.
+    """
+
+    def __init__(self, settings: WorkerSettings, num_workers: int, actor_options: dict[str, Any],
+                 max_chunk_attempts: int = 3, max_replacements: int = 3, depth: int = 2,
+                 on_first_worker: Callable[[WorkerInfo], None] | None = None,
+                 on_done: Callable[[ChunkRecord], None] | None = None,
+                 on_failed_attempt: Callable[[int, str, bool], None] | None = None,
+                 on_tick: Callable[[], None] | None = None,
+                 tick_seconds: float = 0.5):
+        self.settings = settings
+        self.num_workers = num_workers
+        self.depth = max(1, depth)
+        self.actor_options = {**actor_options, "max_restarts": 0, "max_task_retries": 0,
+                              "max_concurrency": self.depth}
+        self.max_chunk_attempts = max_chunk_attempts
+        self.max_replacements = max_replacements
+        self.on_first_worker = on_first_worker
+        self.on_done = on_done
+        self.on_failed_attempt = on_failed_attempt
+        self.on_tick = on_tick
+        self.tick_seconds = tick_seconds
+        self.stats = DispatchStats()
+        self._remote = ray.remote(ChunkWorker)
+        self._slots: list[_Slot] = []
+        self._first_checked = False
+
+    # -- actors -------------------------------------------------------------------------------
+    def _start(self, slot: _Slot, info_refs: dict) -> None:
+        slot.actor = self._remote.options(**self.actor_options).remote(self.settings)
+        slot.generation += 1
+        slot.ready = False
+        slot.inflight = set()
+        slot.solo = False
+        self.stats.workers_started += 1
+        info_refs[slot.actor.info.remote()] = (slot, slot.generation)
+
+    def _worker_lost(self, slot: _Slot, reason: str, info_refs: dict) -> None:
+        """The slot's actor is dead (or useless): kill it for good, replace it if allowed."""
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        if slot.replacements >= self.max_replacements:
+            slot.retired = True
+            slot.ready = False
+            log.warning("worker %d lost (%s); no replacements left (resources.max_actor_restarts=%d)",
+                        slot.number, reason, self.max_replacements)
+            return
+        slot.replacements += 1
+        self.stats.workers_replaced += 1
+        log.warning("worker %d lost (%s); starting a replacement (%d of %d)", slot.number, reason,
+                    slot.replacements, self.max_replacements)
+        self._start(slot, info_refs)
+
+    def shutdown(self) -> None:
+        for slot in self._slots:
+            if slot.actor is not None:
+                try:
+                    ray.kill(slot.actor, no_restart=True)
+                except Exception:
+                    pass
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self, chunks: Sequence[ChunkSpec]) -> tuple[dict[int, ChunkRecord], dict[int, ChunkFailure]]:
+        """Process ``chunks``; returns ``(records by index, failures by index)``."""
+        specs = {c.index: c for c in chunks}
+        queue: deque[int] = deque(specs)
+        solo: set[int] = set()
+        attempts: dict[int, int] = {i: 0 for i in specs}
+        errors: dict[int, list[str]] = {i: [] for i in specs}
+        done: dict[int, ChunkRecord] = {}
+        failed: dict[int, ChunkFailure] = {}
+        info_refs: dict[Any, tuple[_Slot, int]] = {}
+        task_refs: dict[Any, tuple[_Slot, int, int]] = {}  # ref -> (slot, generation, chunk)
+        if not queue:
+            return done, failed
+        self._slots = [_Slot(n) for n in range(min(self.num_workers, len(queue)))]
+        for slot in self._slots:
+            self._start(slot, info_refs)
+        waiting_since = time.monotonic()
+        last_wait_log = waiting_since
+
+        def attempt_failed(index: int, error: str) -> None:
+            attempts[index] += 1
+            errors[index].append(error)
+            self.stats.attempts_failed += 1
+            final = attempts[index] >= self.max_chunk_attempts
+            if final:
+                failed[index] = ChunkFailure(index, attempts[index], list(errors[index]))
+            else:
+                queue.append(index)
+            if self.on_failed_attempt:
+                self.on_failed_attempt(index, error, final)
+
+        try:
+            while queue or task_refs:
+                # Hand out work: solo chunks only to an idle worker, which then takes nothing else.
+                for slot in self._slots:
+                    while slot.ready and not slot.retired and not slot.solo and queue \
+                            and len(slot.inflight) < self.depth:
+                        index = queue[0]
+                        if index in solo:
+                            if slot.inflight:
+                                break
+                            slot.solo = True
+                        queue.popleft()
+                        slot.inflight.add(index)
+                        ref = slot.actor.process_chunk.remote(index, specs[index].records,
+                                                              attempts[index] + 1)
+                        task_refs[ref] = (slot, slot.generation, index)
+                if all(s.retired for s in self._slots):
+                    for index in list(queue):
+                        attempts[index] = max(attempts[index], 1)
+                        failed[index] = ChunkFailure(index, attempts[index], errors[index] + [
+                            "no workers left: every worker died more than "
+                            f"resources.max_actor_restarts={self.max_replacements} times"])
+                    queue.clear()
+                    if not task_refs:
+                        break
+                pending = list(task_refs) + list(info_refs)
+                if not pending:
+                    break
+                ready, _ = ray.wait(pending, num_returns=1, timeout=self.tick_seconds)
+                if self.on_tick:
+                    self.on_tick()
+                if not any(s.ready for s in self._slots) and not ready:
+                    now = time.monotonic()
+                    if now - last_wait_log > 60:
+                        last_wait_log = now
+                        log.warning("no worker ready after %.0f s; cluster resources: %s (each worker "
+                                    "needs %s)", now - waiting_since, ray.available_resources(),
+                                    {k: self.actor_options.get(k) for k in ("num_gpus", "num_cpus")})
+                for ref in ready:
+                    if ref in info_refs:
+                        self._handle_info(ref, info_refs)
+                        continue
+                    slot, generation, index = task_refs.pop(ref)
+                    current = generation == slot.generation
+                    if current:
+                        slot.inflight.discard(index)
+                    try:
+                        record = ray.get(ref)
+                    except RayTaskError as exc:  # the chunk failed, the worker is fine
+                        if current and slot.solo and not slot.inflight:
+                            slot.solo = False
+                        attempt_failed(index, _short(exc))
+                        continue
+                    except RayError as exc:  # the worker died with the chunk
+                        if current:
+                            lost_with = slot.inflight | {index}
+                            if len(lost_with) > 1:
+                                solo.update(lost_with)
+                            # The other chunks of this actor fail too; count them as they arrive.
+                            self._worker_lost(slot, _short(exc), info_refs)
+                        attempt_failed(index, _short(exc))
+                        continue
+                    if current and slot.solo and not slot.inflight:
+                        slot.solo = False
+                    solo.discard(index)
+                    done[index] = record
+                    if self.on_done:
+                        self.on_done(record)
+        finally:
+            self.shutdown()
+        return done, failed
+
+    def _handle_info(self, ref, info_refs: dict) -> None:
+        slot, generation = info_refs.pop(ref)
+        if generation != slot.generation:
+            return
+        try:
+            info: WorkerInfo = ray.get(ref)
+        except RayError as exc:
+            self._worker_lost(slot, f"failed to start: {_short(exc)}", info_refs)
+            return
+        if info.error is not None:
+            if info.user_error:
+                # A bad model config or weights file fails the same way on every worker: stop now.
+                raise SegdistError(f"the model could not be loaded: {info.error}")
+            self._worker_lost(slot, f"model load failed: {info.error.splitlines()[0]}", info_refs)
+            return
+        if not self._first_checked:
+            self._first_checked = True
+            if self.on_first_worker:
+                self.on_first_worker(info)
+        self.stats.worker_infos.append(info)
+        slot.ready = True
+        log.info("worker %d ready on %s (pid %d, device %s)", slot.number, info.host, info.pid, info.device)

@@ -1,0 +1,258 @@
+"""``run_job``: the dataset-scale proposal job, from a validated JobConfig to a manifest.
+
+Order of work (each step can stop the run before anything expensive happens):
+
+1. preflight: the output is writable, the dataset's index loads and its first image exists;
+2. the plan: sorted image ids in chunks of ``output.chunk_size``;
+3. the output's run record (``_segdist/run.json``): a different config is refused unless
+   ``overwrite``; the record is written before any chunk;
+4. committed chunks (a record and all files present) are skipped;
+5. Ray: an embedded local cluster, or the cluster at ``address`` / RAY_ADDRESS; one worker actor per
+   GPU (``resources.gpus_per_worker`` each, fractional allowed), or CPU workers on a cluster
+   without GPUs; the first worker's model identity (name, weights sha256) is checked against the
+   run record before any chunk is sent;
+6. the dispatcher runs the remaining chunks (retries, worker replacement);
+7. ``manifest.json`` is written last; the result says whether every chunk is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from segdist import __version__
+from segdist.config import JobConfig, public_dict
+from segdist.errors import ConfigError, SegdistError
+from segdist.job import faults, manifest, preflight, state
+from segdist.job.dispatch import ChunkFailure, Dispatcher
+from segdist.job.plan import plan_chunks
+from segdist.job.progress import JobProgress
+from segdist.job.worker import WorkerInfo, WorkerSettings
+from segdist.proposals.layout import chunk_name
+
+log = logging.getLogger("segdist.job")
+
+
+@dataclass
+class JobResult:
+    """What a run did. ``complete``: every chunk of the plan is committed (exit code 0)."""
+
+    complete: bool
+    output_uri: str
+    manifest_uri: str
+    chunks_total: int
+    chunks_skipped: int
+    chunks_written: int
+    chunks_failed: list[ChunkFailure] = field(default_factory=list)
+    images_total: int = 0
+    images_written: int = 0
+    images_failed: int = 0
+    proposals: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    written_chunks: list[int] = field(default_factory=list)  # indices processed by this run
+
+    def summary(self) -> str:
+        lines = [
+            f"{'complete' if self.complete else 'INCOMPLETE'}: {self.chunks_total - len(self.chunks_failed)}"
+            f"/{self.chunks_total} chunks committed ({self.chunks_written} written now, "
+            f"{self.chunks_skipped} already committed), {self.images_written} images, "
+            f"{self.proposals} proposals, {self.images_failed} bad images skipped",
+            f"this run: {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
+            f"output: {self.output_uri}  manifest: {self.manifest_uri}",
+        ]
+        for f in self.chunks_failed:
+            lines.append(f"failed chunk {f.index} after {f.attempts} attempts: "
+                         f"{f.errors[-1] if f.errors else '?'}")
+        return "\n".join(lines)
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the cluster at ``address`` (or RAY_ADDRESS), or start an embedded local one.
+
+    Returns whether this call started Ray (and so should shut it down). A Ray already initialised in
+    this process (a test session, a notebook) is used as it is.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        log.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        # "local" (not None): never silently join a stale cluster left in Ray's temp dir.
+        log.info("starting an embedded local Ray cluster (pass --address to use a running one)")
+        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
+                 log_to_driver=True)
+    return True
+
+
+def _worker_resources(cfg: JobConfig, n_chunks: int) -> tuple[int, dict[str, Any]]:
+    """How many workers to start and their ``ray.remote`` options, from the cluster's resources."""
+    import ray
+
+    res = cfg.resources
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    use_gpu = gpus > 0 and cfg.model.device != "cpu"
+    if cfg.model.device == "cuda" and gpus == 0:
+        raise ConfigError("model.device is 'cuda' but the Ray cluster has no GPUs; use "
+                          "model.device=auto (CPU workers) or a cluster with GPU nodes")
+    if use_gpu:
+        count = res.num_workers or max(1, math.floor(gpus / res.gpus_per_worker + 1e-9))
+        options = {"num_gpus": res.gpus_per_worker, "num_cpus": res.cpus_per_worker}
+    else:
+        count = res.num_workers or 1
+        options = {"num_gpus": 0, "num_cpus": res.cpus_per_worker}
+    fault = os.environ.get(faults.ENV_VAR)
+    if fault:
+        faults.parse(fault)  # fail here, in the driver, if malformed
+        options["runtime_env"] = {"env_vars": {faults.ENV_VAR: fault}}
+    return min(count, max(n_chunks, 1)), options
+
+
+def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = False,
+            progress: bool = True) -> JobResult:
+    """Run the proposal job for ``cfg`` (see the module docstring); returns what it did.
+
+    Raises SegdistError before any worker starts when the output is not writable, the dataset is
+    not readable, or the output holds a different run's proposals (and ``overwrite`` is false).
+    """
+    started = manifest.utc_now()
+    t_start = time.perf_counter()
+    out = cfg.output.uri.rstrip("/") or cfg.output.uri
+    opts = cfg.output.storage_options
+
+    preflight.check_output(cfg.output)
+    dataset = preflight.load_checked_dataset(cfg.dataset)
+    plan = plan_chunks(dataset.images, cfg.output.chunk_size)
+    n_images = len(dataset)
+    log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
+             n_images, len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
+
+    settings = state.output_settings(cfg)
+    fp = state.fingerprint(settings)
+    record = state.read_run_record(out, opts)
+    if overwrite:
+        if record is not None or state.has_proposal_files(out, opts):
+            log.warning("--overwrite: removing the previous run's files under %s", out)
+            state.clear_output(out, opts)
+        record = None
+    elif record is not None and record.fingerprint != fp:
+        diff = state.settings_diff(record.settings, settings)
+        raise SegdistError(
+            f"{out} holds proposals made with a different config ({'; '.join(diff[:6])}). "
+            "Use a new output.uri, or pass --overwrite to replace them.")
+    elif record is None and state.has_proposal_files(out, opts):
+        raise SegdistError(
+            f"{out} already holds proposal files that no segdist run record describes; "
+            "use a new output.uri, or pass --overwrite to replace them.")
+    if record is None:
+        record = state.RunRecord(fingerprint=fp, settings=settings, segdist_version=__version__,
+                                 created=started)
+        state.write_run_record(out, record, opts)
+
+    committed = state.committed_chunks(out, len(plan), opts)
+    todo = [c for c in plan if c.index not in committed]
+    skipped_images = sum(r.images + len(r.failed) for r in committed.values())
+    if committed:
+        log.info("resuming: %d of %d chunks already committed, %d to do", len(committed), len(plan),
+                 len(todo))
+
+    worker_info: dict[str, WorkerInfo] = {}
+    done: dict[int, state.ChunkRecord] = {}
+    failures: dict[int, ChunkFailure] = {}
+    t_run = time.perf_counter()
+    first_ready_s: float | None = None
+    dispatch_stats = None
+    if todo:
+        started_ray = connect_ray(address)
+        bar = JobProgress(n_images, len(plan), skipped_images, len(committed), enabled=progress)
+        try:
+            n_workers, options = _worker_resources(cfg, len(todo))
+            log.info("starting %d worker(s) with %s", n_workers,
+                     {k: v for k, v in options.items() if k != "runtime_env"})
+
+            def check_model(info: WorkerInfo) -> None:
+                nonlocal first_ready_s
+                first_ready_s = time.perf_counter() - t_run
+                if record.model_name is not None and (
+                        record.model_name != info.model_name or record.weights_sha256 != info.weights_sha256):
+                    raise SegdistError(
+                        f"{out} holds proposals of model {record.model_name} (weights sha256 "
+                        f"{record.weights_sha256}), but this run loads {info.model_name} (weights "
+                        f"sha256 {info.weights_sha256}). Use a new output.uri, or --overwrite.")
+                if record.model_name is None:
+                    record.model_name, record.weights_sha256 = info.model_name, info.weights_sha256
+                    state.write_run_record(out, record, opts)
+                worker_info["first"] = info
+
+            def chunk_done(rec: state.ChunkRecord) -> None:
+                bar.chunk_done(rec.images, len(rec.failed))
+
+            def attempt_failed(index: int, error: str, final: bool) -> None:
+                bar.attempt_failed(final)
+                log.warning("chunk %d attempt failed%s: %s", index,
+                            " (giving up)" if final else ", will retry", error)
+
+            wsettings = WorkerSettings(
+                model=cfg.model, out_uri=out, formats=tuple(cfg.output.formats), gzip=cfg.output.gzip,
+                out_storage_options=dict(opts), data_storage_options=dict(dataset.storage_options),
+                decode_threads=cfg.resources.decode_threads)
+            dispatcher = Dispatcher(
+                wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
+                max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
+                on_done=chunk_done, on_failed_attempt=attempt_failed, on_tick=bar.tick)
+            done, failures = dispatcher.run(todo)
+            dispatch_stats = dispatcher.stats
+        finally:
+            bar.close()
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+    run_seconds = time.perf_counter() - t_run
+
+    records = {**committed, **done}
+    model_info = {"name": record.model_name or cfg.model.name, "weights": cfg.model.weights,
+                  "weights_sha256": record.weights_sha256}
+    if "first" in worker_info:
+        model_info["device"] = worker_info["first"].device
+    images_now = sum(r.images + len(r.failed) for r in done.values())
+    timings: dict[str, Any] = {
+        "started": started, "finished": manifest.utc_now(),
+        "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "run_seconds": round(run_seconds, 3),
+        "images_processed_now": images_now,
+        "images_per_second": round(images_now / run_seconds, 4) if done and run_seconds > 0 else None,
+        "first_worker_ready_seconds": None if first_ready_s is None else round(first_ready_s, 3),
+        "chunk_seconds": {k: round(sum(r.seconds.get(k, 0.0) for r in done.values()), 3)
+                          for k in ("decode_wait", "model", "write", "total")},
+    }
+    if dispatch_stats is not None:
+        timings["workers_started"] = dispatch_stats.workers_started
+        timings["workers_replaced"] = dispatch_stats.workers_replaced
+        timings["failed_attempts"] = dispatch_stats.attempts_failed
+    failed_list = [{"index": f.index, "name": chunk_name(f.index), "attempts": f.attempts,
+                    "errors": f.errors} for f in sorted(failures.values(), key=lambda f: f.index)]
+    doc = manifest.build_manifest(
+        config=public_dict(cfg), model=model_info,
+        dataset={"name": dataset.name, "format": cfg.dataset.format, "images": n_images},
+        chunk_size=cfg.output.chunk_size, n_chunks=len(plan), records=records,
+        failed_chunks=failed_list, timings=timings)
+    manifest_uri = manifest.write_manifest(out, doc, opts)
+    result = JobResult(
+        complete=doc["complete"], output_uri=out, manifest_uri=manifest_uri, chunks_total=len(plan),
+        chunks_skipped=len(committed), chunks_written=len(done),
+        chunks_failed=sorted(failures.values(), key=lambda f: f.index), images_total=n_images,
+        images_written=doc["totals"]["images"], images_failed=doc["totals"]["images_failed"],
+        proposals=doc["totals"]["proposals"], seconds=run_seconds,
+        images_per_second=images_now / run_seconds if done and run_seconds > 0 else 0.0,
+        written_chunks=sorted(done))
+    log.info("%s", result.summary())
+    return result

@@ -1,0 +1,45 @@
+"""Checks a job makes before it starts any worker, so that a wrong URI fails in seconds, not after
+a cluster has spun up and loaded models."""
+
+from __future__ import annotations
+
+from segdist import storage
+from segdist.config import DatasetConfig, OutputConfig
+from segdist.data.records import Dataset
+from segdist.errors import ConfigError, SegdistError, StorageError
+
+
+def check_output(output: OutputConfig) -> None:
+    """Raise StorageError unless something can be written under ``output.uri``."""
+    storage.check_writable(output.uri, output.storage_options)
+
+
+def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
+    """Load the dataset's index and check that its first image exists.
+
+    Raises a SegdistError that names the dataset location when the annotations cannot be read, the
+    dataset is empty, or its first image is missing (a wrong ``dataset.images`` folder).
+    """
+    from segdist.data import load_dataset  # the loaders import pycocotools; keep --help fast
+
+    where = cfg.root if cfg.format == "voc" else cfg.annotations
+    try:
+        dataset = load_dataset(cfg)
+    except SegdistError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise StorageError(f"cannot read the {cfg.format} dataset at {where}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if len(dataset) == 0:
+        raise ConfigError(f"the {cfg.format} dataset at {where} has no images "
+                          "(check dataset.split, dataset.image_ids and dataset.limit)")
+    first = dataset.images[0]
+    try:
+        found = storage.exists(first.uri, dataset.storage_options)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot reach the dataset's first image {first.uri}: {exc}") from exc
+    if not found:
+        hint = "dataset.images" if cfg.format == "coco" else "dataset.root"
+        raise StorageError(f"the dataset's first image {first.uri} (id {first.image_id}) does not "
+                           f"exist; check {hint}")
+    return dataset

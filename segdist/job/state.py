@@ -1,0 +1,214 @@
+"""What a job leaves under its output besides the proposal files, and how a re-run reads it back.
+
+Layout (beside the chunk files of :mod:`segdist.proposals.layout`)::
+
+    OUT/_segdist/run.json                    written FIRST: the settings that shape the output
+    OUT/_segdist/chunks/chunk-000012.json    written by a worker AFTER the chunk's files: its record
+    OUT/manifest.json                        written LAST by the driver
+
+``run.json`` lets a re-run, even of a run that was interrupted before any manifest existed, tell
+whether the output was made with the same dataset, model and format settings; a mismatch is refused
+unless the user asks to overwrite. A chunk record is the chunk's commit marker: it is written (atomically)
+only after all of the chunk's files exist, and it carries what the manifest needs (image and proposal
+counts, file names, failed images) so that a resumed run does not have to re-read skipped chunks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import posixpath
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from segdist import storage
+from segdist.config import JobConfig
+from segdist.errors import StorageError
+from segdist.proposals import layout
+
+STATE_DIR = "_segdist"
+RUN_FILE = "run.json"
+CHUNKS_DIR = "chunks"
+MANIFEST = "manifest.json"
+
+# Model settings that change how a run executes but not what it writes (a resumed run may move
+# from a CPU laptop to a GPU cluster, or change its batch size, without invalidating the output).
+_EXECUTION_ONLY_MODEL_FIELDS = ("batch_size", "device", "channels_last", "memory_budget_mb")
+
+
+def state_uri(out_uri: str, *parts: str) -> str:
+    return storage.join(out_uri, STATE_DIR, *parts)
+
+
+def chunk_record_uri(out_uri: str, index: int) -> str:
+    return state_uri(out_uri, CHUNKS_DIR, layout.chunk_name(index) + ".json")
+
+
+def relative_to(out_uri: str, uri: str) -> str:
+    """``uri`` relative to the output location (records stay valid if the output is moved)."""
+    base = out_uri.rstrip("/") + "/"
+    return uri[len(base):] if uri.startswith(base) else uri
+
+
+def output_settings(cfg: JobConfig) -> dict[str, Any]:
+    """The parts of a config that determine the bytes of the output (no credentials, no resources)."""
+    dataset = cfg.dataset.model_dump(mode="json", exclude={"storage_options"})
+    model = cfg.model.model_dump(mode="json", exclude=set(_EXECUTION_ONLY_MODEL_FIELDS))
+    output = cfg.output.model_dump(mode="json", include={"formats", "chunk_size", "gzip"})
+    return {"dataset": dataset, "model": model, "output": output}
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Human-readable ``field: old -> new`` lines for settings that differ."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+@dataclass
+class RunRecord:
+    """Contents of ``OUT/_segdist/run.json``."""
+
+    fingerprint: str
+    settings: dict[str, Any]
+    model_name: str | None = None
+    weights_sha256: str | None = None
+    segdist_version: str = ""
+    created: str = ""
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
+
+
+def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The JSON object at ``uri``, or None when there is none."""
+    try:
+        data = storage.read_bytes(uri, storage_options)
+    except StorageError:
+        if storage.exists(uri, storage_options):
+            raise
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"{uri} is not valid JSON ({exc}); it was not written by segdist, "
+                           "or was damaged: remove it or use --overwrite") from None
+
+
+def read_run_record(out_uri: str, storage_options: Mapping[str, Any] | None) -> RunRecord | None:
+    raw = read_json(state_uri(out_uri, RUN_FILE), storage_options)
+    if raw is None:
+        return None
+    known = set(RunRecord.__dataclass_fields__)
+    return RunRecord(**{k: v for k, v in raw.items() if k in known})
+
+
+def write_run_record(out_uri: str, record: RunRecord, storage_options: Mapping[str, Any] | None) -> None:
+    storage.atomic_write(state_uri(out_uri, RUN_FILE), record.to_json(), storage_options)
+
+
+def _list_names(uri: str, storage_options: Mapping[str, Any] | None) -> set[str]:
+    """Base names of the files directly under the folder ``uri`` (empty when it does not exist)."""
+    fs, path = storage.url_to_fs(uri, storage_options)
+    # s3fs caches listings; a listing from before this run's writes would hide new files.
+    fs.invalidate_cache()
+    try:
+        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
+    except FileNotFoundError:
+        return set()
+
+
+@dataclass
+class ChunkRecord:
+    """Contents of ``OUT/_segdist/chunks/chunk-NNNNNN.json``: one committed chunk.
+
+    ``files`` are relative to the output URI; ``failed`` lists images that were skipped
+    (``{"image_id", "file_name", "uri", "reason"}``); ``image_ids`` are the images written.
+    """
+
+    index: int
+    name: str
+    image_ids: list[int]
+    proposals: int
+    files: dict[str, dict[str, Any]]
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    worker: str = ""
+    attempt: int = 1
+
+    @property
+    def images(self) -> int:
+        return len(self.image_ids)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ChunkRecord":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def committed_chunks(out_uri: str, n_chunks: int,
+                     storage_options: Mapping[str, Any] | None) -> dict[int, ChunkRecord]:
+    """Chunks of this plan that a previous run committed: a record exists and all its files do.
+
+    Lists each folder once instead of probing every file (thousands of HEAD requests on S3).
+    """
+    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
+    wanted = [i for i in range(n_chunks) if layout.chunk_name(i) + ".json" in names]
+    if not wanted:
+        return {}
+    with ThreadPoolExecutor(8) as pool:
+        raws = list(pool.map(lambda i: read_json(chunk_record_uri(out_uri, i), storage_options), wanted))
+    present: dict[str, set[str]] = {}
+    out: dict[int, ChunkRecord] = {}
+    for i, raw in zip(wanted, raws):
+        if raw is None:
+            continue
+        rec = ChunkRecord.from_dict(raw)
+        ok = True
+        for info in rec.files.values():
+            folder, base = posixpath.split(info["path"])
+            if folder not in present:
+                present[folder] = _list_names(storage.join(out_uri, folder), storage_options)
+            ok = ok and base in present[folder]
+        if ok:
+            out[i] = rec
+    return out
+
+
+def has_proposal_files(out_uri: str, storage_options: Mapping[str, Any] | None) -> bool:
+    """Whether the output already holds chunk files or a manifest (of any run)."""
+    if storage.exists(storage.join(out_uri, MANIFEST), storage_options):
+        return True
+    return any(_list_names(storage.join(out_uri, d), storage_options)
+               for d in (layout.PARQUET_DIR, layout.COCO_DIR))
+
+
+def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Remove what a job writes (chunk files, records, manifest) and nothing else under ``out_uri``."""
+    fs, _ = storage.url_to_fs(out_uri, storage_options)
+    for part in (MANIFEST, STATE_DIR, layout.PARQUET_DIR, layout.COCO_DIR):
+        _, path = storage.url_to_fs(storage.join(out_uri, part), storage_options)
+        with contextlib.suppress(FileNotFoundError):
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    fs.invalidate_cache()

@@ -1,0 +1,193 @@
+"""The worker: one model per process, whole chunks in, committed chunk files out.
+
+A :class:`ChunkWorker` runs as a Ray actor (see :mod:`segdist.job.dispatch`), pinned to a GPU when
+the cluster has them. It loads the generator once, in its constructor. For each chunk it
+
+1. decodes the chunk's images in a thread pool, ahead of the model (bounded read-ahead, so a slow
+   object store or a big JPEG does not leave the device waiting, and memory stays bounded);
+2. batches the decoded images (``model.batch_size``) and runs the generator under a lock;
+3. writes the chunk's files itself (:func:`segdist.proposals.layout.write_chunk`, each file atomic);
+4. writes the chunk record last (:mod:`segdist.job.state`): the chunk's commit marker.
+
+The actor is threaded (two chunks in flight): one chunk's decoding and writing overlap the other
+chunk's model time, while the lock keeps one generator call at a time on the device.
+
+A bad image (missing, truncated, undecodable) is recorded with its id, file and reason and skipped;
+the chunk still commits. Any other error fails the attempt, and the driver retries the chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from segdist import storage
+from segdist.config import ModelConfig
+from segdist.data.records import ImageRecord
+from segdist.errors import ImageDecodeError, SegdistError
+from segdist.job import faults
+from segdist.job.state import ChunkRecord, chunk_record_uri, relative_to
+from segdist.proposals import layout
+from segdist.proposals.types import ImageProposals
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker needs, shipped once to its constructor (plain data: it is pickled)."""
+
+    model: ModelConfig
+    out_uri: str
+    formats: tuple[str, ...]
+    gzip: bool = False
+    out_storage_options: dict[str, Any] = field(default_factory=dict)
+    data_storage_options: dict[str, Any] = field(default_factory=dict)
+    decode_threads: int = 4
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a started worker reports: its model identity, or why it could not load it."""
+
+    model_name: str | None
+    weights_sha256: str | None
+    device: str | None
+    host: str
+    pid: int
+    error: str | None = None
+    user_error: bool = False  # the error is a SegdistError (bad config/weights), not a crash
+
+
+def _build_generator(model: ModelConfig):
+    # Imported here: the driver never needs torch or the model code.
+    from segdist.models.generator import build_generator
+
+    return build_generator(model)
+
+
+class ChunkWorker:
+    """Turns chunks of image records into committed chunk files (see the module docstring)."""
+
+    def __init__(self, settings: WorkerSettings):
+        self.settings = settings
+        self.generator = None
+        self._error: str | None = None
+        self._user_error = False
+        try:
+            self.generator = _build_generator(settings.model)
+        except SegdistError as exc:
+            self._error, self._user_error = str(exc), True
+        except Exception as exc:  # a crash while loading: report it instead of dying silently
+            self._error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        self._pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="segdist-decode")
+        self._model_lock = threading.Lock()
+        self._name = f"{socket.gethostname()}:{os.getpid()}"
+
+    def info(self) -> WorkerInfo:
+        g = self.generator
+        return WorkerInfo(
+            model_name=getattr(g, "name", None), weights_sha256=getattr(g, "weights_sha256", None),
+            device=str(getattr(g, "device", None)) if g is not None else None,
+            host=socket.gethostname(), pid=os.getpid(), error=self._error, user_error=self._user_error,
+        )
+
+    def _decoded(self, records: Sequence[ImageRecord], ahead: int
+                 ) -> Iterator[tuple[ImageRecord, np.ndarray | None, str | None, float]]:
+        """Yield ``(record, image uint8 HxWx3 or None, failure reason or None, seconds waited)``
+        in record order, keeping at most ``ahead`` decodes in flight."""
+        from segdist.imageio import read_image
+
+        opts = self.settings.data_storage_options
+        todo = iter(records)
+        inflight: deque[tuple[ImageRecord, Future]] = deque()
+
+        def submit_next() -> None:
+            r = next(todo, None)
+            if r is not None:
+                inflight.append((r, self._pool.submit(read_image, r.uri, opts)))
+
+        for _ in range(ahead):
+            submit_next()
+        while inflight:
+            rec, fut = inflight.popleft()
+            submit_next()
+            t0 = time.perf_counter()
+            try:
+                image, reason = fut.result(), None
+            except ImageDecodeError as exc:
+                image, reason = None, exc.reason
+            except SegdistError as exc:  # e.g. StorageError: the file is missing
+                image, reason = None, str(exc)
+            yield rec, image, reason, time.perf_counter() - t0
+
+    def _run_model(self, images: list[np.ndarray], ids: list[int]) -> list[ImageProposals]:
+        with self._model_lock:
+            out = self.generator(images, ids)
+        got = [p.image_id for p in out]
+        if got != ids:
+            raise RuntimeError(f"generator returned proposals for images {got}, expected {ids}")
+        return out
+
+    def process_chunk(self, index: int, records: Sequence[ImageRecord], attempt: int = 1) -> ChunkRecord:
+        """Process chunk ``index`` (its images sorted by id) and commit it; returns its record.
+
+        Raises on any failure other than a bad image; nothing is then committed for this chunk
+        (files already written are rewritten byte-identically by the retry).
+        """
+        if self.generator is None:
+            raise RuntimeError(f"the model failed to load on {self._name}: {self._error}")
+        faults.maybe_inject(index)
+        s = self.settings
+        t_start = time.perf_counter()
+        waited = model_s = 0.0
+        proposals: list[ImageProposals] = []
+        failed: list[dict[str, Any]] = []
+        batch_imgs: list[np.ndarray] = []
+        batch_ids: list[int] = []
+        bs = s.model.batch_size
+        for rec, image, reason, w in self._decoded(records, ahead=max(2 * bs, s.decode_threads)):
+            waited += w
+            if image is None:
+                failed.append({"image_id": rec.image_id, "file_name": rec.file_name,
+                               "uri": rec.uri, "reason": reason})
+                continue
+            batch_imgs.append(image)
+            batch_ids.append(rec.image_id)
+            if len(batch_imgs) == bs:
+                t0 = time.perf_counter()
+                proposals.extend(self._run_model(batch_imgs, batch_ids))
+                model_s += time.perf_counter() - t0
+                batch_imgs, batch_ids = [], []
+        if batch_imgs:
+            t0 = time.perf_counter()
+            proposals.extend(self._run_model(batch_imgs, batch_ids))
+            model_s += time.perf_counter() - t0
+        del batch_imgs
+        t0 = time.perf_counter()
+        files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip, s.out_storage_options)
+        record = ChunkRecord(
+            index=index, name=layout.chunk_name(index),
+            image_ids=[p.image_id for p in proposals],
+            proposals=sum(len(p) for p in proposals),
+            files={k: {"path": relative_to(s.out_uri, v["uri"]), "bytes": v["bytes"]}
+                   for k, v in files.items()},
+            failed=failed, worker=self._name, attempt=attempt,
+        )
+        write_s = time.perf_counter() - t0
+        record.seconds = {"decode_wait": round(waited, 4), "model": round(model_s, 4),
+                          "write": round(write_s, 4), "total": round(time.perf_counter() - t_start, 4)}
+        # The record is the commit marker: it goes last, after every file of the chunk exists.
+        storage.atomic_write(chunk_record_uri(s.out_uri, index), record.to_json(), s.out_storage_options)
+        return record
+
+    def ping(self) -> str:
+        return self._name
