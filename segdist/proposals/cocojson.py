@@ -1,0 +1,194 @@
+"""COCO results JSON for proposals: the format pycocotools ``COCO.loadRes`` reads.
+
+Two kinds of file per chunk (see docs/formats.md):
+
+- **segm**: ``[{"image_id", "category_id": 1, "score", "segmentation": {"size": [h, w],
+  "counts": str}}, ...]`` with *no* ``"bbox"`` key. ``loadRes`` takes its bbox branch as soon as a
+  result carries ``"bbox"``, which sets ``area`` to the box area and breaks segment AR by object
+  size; a segm file therefore never has one.
+- **bbox**: ``[{"image_id", "category_id": 1, "score", "bbox": [x, y, w, h]}, ...]``.
+
+``category_id`` is always 1: with ``useCats = 0`` pycocotools silently drops results whose category
+is not a GT category, and 1 is one in COCO, VOC-converted and synthetic GT. Results are written
+image by image (ascending id) in rank order (descending score), which is the order the readers
+restore. Files ending in ``.gz`` are gzip-compressed (mtime 0, so a retried chunk is byte-identical).
+
+The encoders build the text record by record from NumPy arrays (no list of per-proposal dicts);
+floats are written with Python's shortest round-trip repr of the float32 value widened to float64,
+so reading back and casting to float32 gives the identical bits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from segdist.errors import SegdistError
+from segdist.proposals.types import ImageProposals
+
+CATEGORY_ID = 1
+
+# Boxes of masks are the masks' tight boxes; decoding a segm-only file recomputes them this way.
+_GZIP_LEVEL = 6
+
+
+def _check_finite(p: ImageProposals) -> None:
+    if not (np.isfinite(p.scores).all() and np.isfinite(p.boxes).all()):
+        raise ValueError(f"image {p.image_id}: scores and boxes must be finite to be written as JSON")
+
+
+def _records_segm(p: ImageProposals) -> Iterable[str]:
+    if p.counts is None:
+        if not len(p):
+            return
+        raise ValueError(f"image {p.image_id} has box-only proposals (counts=None): no segm file")
+    head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
+    size = f',"segmentation":{{"size":[{int(p.height)},{int(p.width)}],"counts":'
+    for score, c in zip(p.scores.astype(np.float64).tolist(), p.counts):
+        # counts use the characters 48..111, which include the backslash: json.dumps escapes it.
+        yield head + repr(score) + size + json.dumps(c.decode("ascii")) + "}}"
+
+
+def _records_bbox(p: ImageProposals) -> Iterable[str]:
+    head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
+    for score, (x, y, w, h) in zip(p.scores.astype(np.float64).tolist(),
+                                   p.boxes.astype(np.float64).tolist()):
+        yield f'{head}{score!r},"bbox":[{x!r},{y!r},{w!r},{h!r}]}}'
+
+
+def _join(records: Iterable[str]) -> bytes:
+    # One result per line: still one JSON list, but diffable and greppable.
+    parts = ["["]
+    first = True
+    for r in records:
+        parts.append(r if first else ",\n" + r)
+        first = False
+    parts.append("]\n")
+    return "".join(parts).encode("ascii")
+
+
+def _maybe_gzip(data: bytes, compress: bool) -> bytes:
+    return gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0) if compress else data
+
+
+def encode_segm(proposals: Sequence[ImageProposals], *, gzip_output: bool = False) -> bytes:
+    """COCO results JSON of the masks (no "bbox" key), images in the given order, ranks in order.
+
+    Args:
+        proposals: per-image proposals with masks (``counts`` not None); scores float32[N].
+        gzip_output: gzip the JSON text (for ``.json.gz`` files).
+    Returns:
+        the file's bytes (ASCII JSON, or gzip of it).
+    """
+    for p in proposals:
+        _check_finite(p)
+    return _maybe_gzip(_join(r for p in proposals for r in _records_segm(p)), gzip_output)
+
+
+def encode_bbox(proposals: Sequence[ImageProposals], *, gzip_output: bool = False) -> bytes:
+    """COCO results JSON of the boxes: ``"bbox": [x, y, w, h]`` (COCO xywh, pixels) and score."""
+    for p in proposals:
+        _check_finite(p)
+    return _maybe_gzip(_join(r for p in proposals for r in _records_bbox(p)), gzip_output)
+
+
+def load_results(data: bytes, source: str = "<bytes>") -> list[dict[str, Any]]:
+    """Parse a COCO results file's bytes (gzip detected by its magic number) into a list of dicts."""
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise SegdistError(f"{source} is not a readable gzip file ({exc})") from exc
+    try:
+        results = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SegdistError(f"{source} is not valid JSON ({exc}); expected a COCO results list") from exc
+    if not isinstance(results, list):
+        raise SegdistError(f"{source}: expected a JSON list of COCO results, got {type(results).__name__}")
+    return results
+
+
+def _group(results: list[dict[str, Any]], source: str) -> dict[int, list[dict[str, Any]]]:
+    groups: dict[int, list[dict[str, Any]]] = {}
+    for r in results:
+        try:
+            groups.setdefault(int(r["image_id"]), []).append(r)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SegdistError(f"{source}: a result without a valid image_id: {str(r)[:200]}") from exc
+    return groups
+
+
+def decode(segm: list[dict[str, Any]] | None, bbox: list[dict[str, Any]] | None, *,
+           model: str = "unknown", source: str = "<results>") -> list[ImageProposals]:
+    """Proposals per image from parsed segm and/or bbox results of one chunk, sorted by image id.
+
+    Within an image results are stably sorted by descending score (our files are already in that
+    order, so ranks round-trip). With a segm list, height/width come from the RLE ``size`` and boxes
+    from the bbox list when given (same order required), else from ``pycocotools.mask.toBbox``.
+    With only a bbox list, masks are None and height/width are 0 (unknown: bbox results carry no
+    image size).
+    """
+    from pycocotools import mask as mask_utils
+
+    if segm is None and bbox is None:
+        raise ValueError("decode needs segm or bbox results")
+    seg_groups = _group(segm, source) if segm is not None else None
+    box_groups = _group(bbox, source) if bbox is not None else None
+    ids = sorted(set(seg_groups or {}) | set(box_groups or {}))
+    out = []
+    for image_id in ids:
+        try:
+            if seg_groups is not None:
+                rs = seg_groups.get(image_id, [])
+                order = np.argsort(-np.asarray([r["score"] for r in rs], dtype=np.float32),
+                                   kind="stable")
+                rs = [rs[i] for i in order]
+                sizes = {tuple(r["segmentation"]["size"]) for r in rs}
+                if len(sizes) != 1:
+                    raise SegdistError(f"{source}: image {image_id} has masks of sizes {sorted(sizes)}")
+                height, width = (int(v) for v in sizes.pop())
+                counts = [_counts_bytes(r["segmentation"], image_id, source) for r in rs]
+                scores = np.asarray([r["score"] for r in rs], dtype=np.float32)
+                if box_groups is not None:
+                    bs = box_groups.get(image_id, [])
+                    border = np.argsort(-np.asarray([r["score"] for r in bs], dtype=np.float32),
+                                        kind="stable")
+                    if len(bs) != len(rs):
+                        raise SegdistError(f"{source}: image {image_id} has {len(rs)} segm but "
+                                           f"{len(bs)} bbox results; the two files do not match")
+                    boxes = np.asarray([bs[i]["bbox"] for i in border], dtype=np.float32)
+                else:
+                    rles = [{"size": [height, width], "counts": c} for c in counts]
+                    boxes = mask_utils.toBbox(rles) if rles else np.zeros((0, 4))
+            else:
+                bs = box_groups[image_id]
+                border = np.argsort(-np.asarray([r["score"] for r in bs], dtype=np.float32),
+                                    kind="stable")
+                bs = [bs[i] for i in border]
+                height = width = 0
+                counts = None
+                scores = np.asarray([r["score"] for r in bs], dtype=np.float32)
+                boxes = np.asarray([r["bbox"] for r in bs], dtype=np.float32)
+        except (KeyError, TypeError) as exc:
+            raise SegdistError(f"{source}: image {image_id}: malformed COCO result ({exc!r}); "
+                               "expected image_id, score and segmentation{size,counts} or bbox") from exc
+        out.append(ImageProposals(image_id, height, width, scores, boxes.reshape(-1, 4),
+                                  counts, model))
+    return out
+
+
+def _counts_bytes(seg: dict[str, Any], image_id: int, source: str) -> bytes:
+    counts = seg["counts"]
+    if isinstance(counts, list):
+        # Uncompressed RLE (a list of run lengths): compress it like pycocotools does.
+        from pycocotools import mask as mask_utils
+
+        h, w = seg["size"]
+        return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+    if not isinstance(counts, str):
+        raise SegdistError(f"{source}: image {image_id}: segmentation counts must be an RLE string")
+    return counts.encode("ascii")

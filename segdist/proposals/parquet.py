@@ -1,0 +1,149 @@
+"""Parquet chunk files of proposals: one row per proposal, sorted by (image_id, rank).
+
+Schema (``SCHEMA``; documented in docs/formats.md):
+
+| column   | type                          | meaning                                            |
+|----------|-------------------------------|----------------------------------------------------|
+| image_id | int64, not null               | the dataset's image id                             |
+| rank     | int32, not null               | 0-based position in the image's score order        |
+| score    | float32, not null             | probability in [0, 1], descending within an image  |
+| bbox     | fixed_size_list<float32>[4]   | COCO [x, y, w, h] in image pixels                  |
+| counts   | string, nullable              | COCO compressed RLE (column-major); null = box only|
+| height   | int32, not null               | image height (mask size)                           |
+| width    | int32, not null               | image width                                        |
+| model    | dictionary<int32, string>     | model preset name                                  |
+| label    | int32, nullable               | predicted class (Mask R-CNN) or null               |
+
+Files are zstd-compressed with column statistics and a page index, in row groups of at most
+``row_group_rows`` rows, so a ``pyarrow.dataset`` filter ``image_id == k`` reads one row group.
+Because COCO results cannot represent an image without proposals, the file's key-value metadata
+(key ``segdist.images``) lists every image of the chunk: ``[{"id", "height", "width", "n", "model",
+"masks", "labels"}]`` — readers know an image with ``n = 0`` was processed, and ``masks``/``labels``
+say whether ``counts``/``labels`` were None.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segdist.proposals.types import ImageProposals
+
+IMAGES_KEY = b"segdist.images"
+VERSION_KEY = b"segdist.format_version"
+FORMAT_VERSION = "1"
+ROW_GROUP_ROWS = 8192
+
+SCHEMA = pa.schema([
+    pa.field("image_id", pa.int64(), nullable=False),
+    pa.field("rank", pa.int32(), nullable=False),
+    pa.field("score", pa.float32(), nullable=False),
+    pa.field("bbox", pa.list_(pa.field("item", pa.float32(), nullable=False), 4), nullable=False),
+    pa.field("counts", pa.string(), nullable=True),
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("model", pa.dictionary(pa.int32(), pa.string()), nullable=False),
+    pa.field("label", pa.int32(), nullable=True),
+])
+
+
+def image_entries(proposals: Sequence[ImageProposals]) -> list[dict[str, Any]]:
+    """The ``segdist.images`` metadata entries of a chunk (one per image, in the given order)."""
+    return [{"id": int(p.image_id), "height": int(p.height), "width": int(p.width), "n": len(p),
+             "model": p.model, "masks": p.counts is not None, "labels": p.labels is not None}
+            for p in proposals]
+
+
+def to_table(proposals: Sequence[ImageProposals]) -> pa.Table:
+    """Arrow table of the proposals (rows in the given image order, ranks 0..N-1), with metadata."""
+    ns = np.asarray([len(p) for p in proposals], dtype=np.int64)
+    total = int(ns.sum())
+    image_id = np.repeat(np.asarray([p.image_id for p in proposals], dtype=np.int64), ns)
+    rank = (np.concatenate([np.arange(n, dtype=np.int32) for n in ns]) if total
+            else np.zeros(0, np.int32))
+    score = (np.concatenate([p.scores for p in proposals]) if total else np.zeros(0, np.float32))
+    boxes = (np.concatenate([p.boxes for p in proposals]) if total
+             else np.zeros((0, 4), np.float32)).astype(np.float32)
+    height = np.repeat(np.asarray([p.height for p in proposals], dtype=np.int32), ns)
+    width = np.repeat(np.asarray([p.width for p in proposals], dtype=np.int32), ns)
+    models = sorted({p.model for p in proposals})
+    model_idx = np.repeat(np.asarray([models.index(p.model) for p in proposals], dtype=np.int32), ns)
+
+    counts: list[str | None] = []
+    labels: list[int | None] = []
+    for p in proposals:
+        counts.extend([c.decode("ascii") for c in p.counts] if p.counts is not None else [None] * len(p))
+        labels.extend(p.labels.tolist() if p.labels is not None else [None] * len(p))
+
+    columns = [
+        pa.array(image_id, pa.int64()),
+        pa.array(rank, pa.int32()),
+        pa.array(score, pa.float32()),
+        pa.FixedSizeListArray.from_arrays(pa.array(boxes.reshape(-1), pa.float32()), 4),
+        pa.array(counts, pa.string()),
+        pa.array(height, pa.int32()),
+        pa.array(width, pa.int32()),
+        pa.DictionaryArray.from_arrays(pa.array(model_idx, pa.int32()), pa.array(models, pa.string())),
+        pa.array(labels, pa.int32()),
+    ]
+    table = pa.Table.from_arrays(columns, schema=SCHEMA)
+    meta = {IMAGES_KEY: json.dumps(image_entries(proposals), separators=(",", ":")).encode(),
+            VERSION_KEY: FORMAT_VERSION.encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def encode(proposals: Sequence[ImageProposals], *, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """The Parquet file's bytes for one chunk; images are written in ascending id order.
+
+    Args:
+        proposals: the chunk's images (unique ids; any order), each sorted by descending score.
+        row_group_rows: maximum rows per row group (smaller: finer skipping, larger footer).
+    """
+    ordered = sorted(proposals, key=lambda p: p.image_id)
+    table = to_table(ordered)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=max(1, row_group_rows),
+                   write_statistics=True, write_page_index=True, use_dictionary=["model"])
+    return buf.getvalue()
+
+
+def images_from_metadata(metadata: dict[bytes, bytes] | None, source: str) -> list[dict[str, Any]]:
+    """The ``segdist.images`` entries of a file's key-value metadata (raises if absent)."""
+    from segdist.errors import SegdistError
+
+    if not metadata or IMAGES_KEY not in metadata:
+        raise SegdistError(f"{source} has no '{IMAGES_KEY.decode()}' metadata: not a segdist "
+                           "proposals Parquet file (see docs/formats.md)")
+    return json.loads(metadata[IMAGES_KEY])
+
+
+def from_table(table: pa.Table, entries: Sequence[dict[str, Any]]) -> list[ImageProposals]:
+    """Proposals of the images in ``entries`` (in that order) from rows of ``table``.
+
+    ``table`` must hold all rows of those images (any order: rows are sorted by (image_id, rank)
+    here); images with no rows come back with zero proposals.
+    """
+    if table.num_rows:
+        table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
+    ids = table.column("image_id").to_numpy()
+    scores = table.column("score").to_numpy()
+    boxes = (table.column("bbox").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+             if table.num_rows else np.zeros((0, 4), np.float32))
+    counts_col = table.column("counts").cast(pa.binary()).to_pylist()
+    labels_col = table.column("label")
+    starts = np.searchsorted(ids, [e["id"] for e in entries], side="left")
+    ends = np.searchsorted(ids, [e["id"] for e in entries], side="right")
+    out = []
+    for e, a, b in zip(entries, starts.tolist(), ends.tolist()):
+        counts = list(counts_col[a:b]) if e["masks"] else None
+        labels = (labels_col.slice(a, b - a).to_numpy(zero_copy_only=False).astype(np.int32)
+                  if e["labels"] else None)
+        out.append(ImageProposals(e["id"], e["height"], e["width"], scores[a:b].copy(),
+                                  boxes[a:b].copy(), counts, e["model"], labels))
+    return out

@@ -1,0 +1,431 @@
+"""The reading API: open a proposals location (any fsspec URI) and read images or chunks.
+
+``open_proposals(uri)`` detects what ``uri`` holds, in this order:
+
+1. a segdist output with ``parquet/chunk-*.parquet`` (or a folder of ``*.parquet`` files, or one
+   ``.parquet`` file): :class:`ParquetStore`, the fast path. Opening reads every file's footer
+   (a few KB each) into an index ``image id -> (file, row groups)``; ``get`` then reads only the row
+   groups whose ``image_id`` statistics contain the id.
+2. a segdist output with ``coco-json/chunk-*.{segm,bbox}.json[.gz]`` (or a folder of them);
+3. the original DeepMask/SharpMask layout ``props-<start>-<end>.json[.gz]`` (in the folder, in
+   ``jsons/``, or as ``segm/`` + ``bbox/`` pairs as ``segdist export original`` writes them);
+4. one COCO results file ``*.json[.gz]``.
+
+Cases 2-4 are :class:`CocoResultsStore`: the JSON has no index, so the first ``get`` (or
+``image_ids``) parses every chunk once to learn which holds which id (only the ids are kept).
+COCO results cannot hold an image without proposals, nor the model name: the model comes from the
+``model`` argument, else ``OUT/manifest.json`` (``"model"`` string or ``{"name": ...}``), else
+``"unknown"``. Box-only results (bbox files) give ``counts=None`` and height = width = 0 (unknown).
+
+Stores are picklable and fork-safe (filesystems and open files are per process), so one store can
+be handed to DataLoader workers or Ray tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from segdist import storage
+from segdist.errors import SegdistError, StorageError
+from segdist.proposals import cocojson
+from segdist.proposals import parquet as parquet_format
+from segdist.proposals.types import ImageProposals
+
+_CHUNK_RE = re.compile(r"chunk-(\d+)\.(segm|bbox)\.json(\.gz)?$")
+_PROPS_RE = re.compile(r"props-(\d+)-(\d+)\.json(\.gz)?$")
+
+
+class MissingImageError(SegdistError, KeyError):
+    """The requested image id is not in the proposals location."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ProposalStore:
+    """Read access to the proposals of one location. Subclasses fill in the storage details.
+
+    Attributes:
+        uri: the location as given.
+        kind: ``"parquet"``, ``"coco-json"``, ``"original"`` or ``"coco-results"``.
+    """
+
+    kind = "?"
+
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None):
+        self.uri = uri
+        self.storage_options = dict(storage_options or {})
+        self._pid = -1
+        self._fs_obj = None
+
+    # Filesystems and file handles must not cross a fork (s3fs sessions are tied to an event loop).
+    def _fs(self):
+        if self._fs_obj is None or self._pid != os.getpid():
+            self._fs_obj, _ = storage.url_to_fs(self.uri, self.storage_options)
+            self._pid = os.getpid()
+            self._reset_caches()
+        return self._fs_obj
+
+    def _reset_caches(self) -> None:
+        pass
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_fs_obj"] = None
+        state["_pid"] = -1
+        return state
+
+    def image_ids(self) -> list[int]:
+        """All image ids, ascending."""
+        raise NotImplementedError
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_ids())
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __contains__(self, image_id: object) -> bool:
+        raise NotImplementedError
+
+    def get(self, image_id: int) -> ImageProposals:
+        """The proposals of one image (raises MissingImageError if the id is not here)."""
+        raise NotImplementedError
+
+    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
+        """Each chunk file's images (ascending id), one chunk in memory at a time."""
+        raise NotImplementedError
+
+    def iter_images(self) -> Iterator[ImageProposals]:
+        """Every image in ascending id order (streams chunk by chunk when chunks are in id order)."""
+        ranges = self._chunk_id_ranges()
+        ordered = all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
+        if ordered:
+            for chunk in self.iter_chunks():
+                yield from chunk
+        else:
+            for image_id in self.image_ids():
+                yield self.get(image_id)
+
+    def _chunk_id_ranges(self) -> list[tuple[int, int]]:
+        raise NotImplementedError
+
+    def _missing(self, image_id: int) -> MissingImageError:
+        return MissingImageError(f"image {image_id} is not in {self.uri} "
+                                 f"({self.num_images} images there)")
+
+
+class ParquetStore(ProposalStore):
+    """Parquet chunk files; random access by id through the footer index (row-group pruning)."""
+
+    kind = "parquet"
+    _CACHE_FILES = 4
+
+    def __init__(self, uri: str, paths: Sequence[str], storage_options: Mapping[str, Any] | None):
+        super().__init__(uri, storage_options)
+        self.paths = list(paths)
+        self._files: OrderedDict[int, Any] = OrderedDict()
+        footers = self._read_footers()
+        # Per image: (file index, metadata entry). Per file: row-group [min, max] id ranges.
+        self._entries: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._file_entries: list[list[dict[str, Any]]] = []
+        self._row_groups: list[np.ndarray] = []
+        for k, (path, md) in enumerate(zip(self.paths, footers)):
+            entries = parquet_format.images_from_metadata(md.metadata, path)
+            for e in entries:
+                if e["id"] in self._entries:
+                    other = self.paths[self._entries[e["id"]][0]]
+                    raise SegdistError(f"image {e['id']} is in two files: {other} and {path}")
+                self._entries[e["id"]] = (k, e)
+            self._file_entries.append(sorted(entries, key=lambda e: e["id"]))
+            self._row_groups.append(_row_group_ranges(md))
+        self._ids = sorted(self._entries)
+
+    def _read_footers(self):
+        import pyarrow.parquet as pq
+
+        fs = self._fs()
+
+        def footer(path: str):
+            try:
+                with fs.open(path, "rb") as f:
+                    return pq.ParquetFile(f).metadata
+            except FileNotFoundError as exc:
+                raise StorageError(f"{path} disappeared while opening {self.uri}") from exc
+            except Exception as exc:  # pyarrow raises ArrowInvalid for a non-Parquet file
+                raise SegdistError(f"{path} is not a readable Parquet file ({exc})") from exc
+
+        if len(self.paths) <= 1:
+            return [footer(p) for p in self.paths]
+        # Footers are tiny: on object stores the time is latency, so fetch a few at once.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(footer, self.paths))
+
+    def _reset_caches(self) -> None:
+        self._files = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_files"] = OrderedDict()
+        return state
+
+    def _parquet_file(self, k: int):
+        import pyarrow.parquet as pq
+
+        fs = self._fs()
+        if k in self._files:
+            self._files.move_to_end(k)
+            return self._files[k][1]
+        handle = fs.open(self.paths[k], "rb")
+        pf = pq.ParquetFile(handle)
+        self._files[k] = (handle, pf)
+        while len(self._files) > self._CACHE_FILES:
+            _, (old, _) = self._files.popitem(last=False)
+            old.close()
+        return pf
+
+    def image_ids(self) -> list[int]:
+        return list(self._ids)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._entries
+
+    def row_groups_for(self, image_id: int) -> tuple[str, list[int]]:
+        """(file path, row-group indices) that ``get(image_id)`` reads: those whose image_id
+        statistics contain the id."""
+        if image_id not in self._entries:
+            raise self._missing(image_id)
+        k, _ = self._entries[image_id]
+        ranges = self._row_groups[k]
+        hit = np.nonzero((ranges[:, 0] <= image_id) & (image_id <= ranges[:, 1]))[0]
+        return self.paths[k], hit.tolist()
+
+    def get(self, image_id: int) -> ImageProposals:
+        import pyarrow.compute as pc
+
+        image_id = int(image_id)
+        if image_id not in self._entries:
+            raise self._missing(image_id)
+        k, entry = self._entries[image_id]
+        if entry["n"] == 0:
+            return parquet_format.from_table(parquet_format.SCHEMA.empty_table(), [entry])[0]
+        _, groups = self.row_groups_for(image_id)
+        table = self._parquet_file(k).read_row_groups(groups)
+        table = table.filter(pc.equal(table.column("image_id"), image_id))
+        return parquet_format.from_table(table, [entry])[0]
+
+    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
+        fs = self._fs()
+        import pyarrow.parquet as pq
+
+        for k in sorted(range(len(self.paths)), key=self._first_id):
+            with fs.open(self.paths[k], "rb") as f:
+                table = pq.read_table(f)
+            yield parquet_format.from_table(table, self._file_entries[k])
+            del table
+
+    def _first_id(self, k: int) -> int:
+        entries = self._file_entries[k]
+        return entries[0]["id"] if entries else -1
+
+    def _chunk_id_ranges(self) -> list[tuple[int, int]]:
+        spans = [(e[0]["id"], e[-1]["id"]) for e in self._file_entries if e]
+        return sorted(spans)
+
+
+def _row_group_ranges(md) -> np.ndarray:
+    """int64[R, 2] of (min, max) image_id per row group; unknown statistics cover everything."""
+    col = md.schema.names.index("image_id") if "image_id" in md.schema.names else 0
+    out = np.empty((md.num_row_groups, 2), dtype=np.int64)
+    for r in range(md.num_row_groups):
+        stats = md.row_group(r).column(col).statistics
+        if stats is not None and stats.has_min_max:
+            out[r] = (stats.min, stats.max)
+        else:
+            out[r] = (np.iinfo(np.int64).min, np.iinfo(np.int64).max)
+    return out
+
+
+class CocoResultsStore(ProposalStore):
+    """COCO results JSON chunks: segdist's coco-json layout, the original layout, or one file.
+
+    Each chunk is ``(segm_path or None, bbox_path or None)``. The id index is built on first use by
+    parsing every chunk once; one decoded chunk is kept for consecutive reads.
+    """
+
+    def __init__(self, uri: str, kind: str, chunks: Sequence[tuple[str | None, str | None]],
+                 storage_options: Mapping[str, Any] | None, model: str):
+        super().__init__(uri, storage_options)
+        self.kind = kind
+        self.chunks = list(chunks)
+        self.model = model
+        self._index: dict[int, int] | None = None
+        self._spans: list[tuple[int, int]] = []
+        self._cached: tuple[int, dict[int, ImageProposals]] | None = None
+
+    def _reset_caches(self) -> None:
+        self._cached = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_cached"] = None
+        return state
+
+    def _load(self, k: int) -> list[ImageProposals]:
+        fs = self._fs()
+        segm_path, bbox_path = self.chunks[k]
+
+        def read(path: str | None):
+            if path is None:
+                return None
+            try:
+                data = fs.cat_file(path)
+            except FileNotFoundError as exc:
+                raise StorageError(f"{path} does not exist (listed in {self.uri})") from exc
+            return cocojson.load_results(data, path)
+
+        segm, bbox = read(segm_path), read(bbox_path)
+        if segm is not None and bbox is None and segm and all("bbox" in r for r in segm):
+            bbox = segm  # a single results file carrying both (e.g. a detector's output)
+        if segm is not None and segm and "segmentation" not in segm[0]:
+            segm, bbox = None, segm  # a single box-only results file
+        if segm is None and bbox is None:
+            return []
+        return cocojson.decode(segm, bbox, model=self.model, source=segm_path or bbox_path or "")
+
+    def _chunk(self, k: int) -> dict[int, ImageProposals]:
+        if self._pid == os.getpid() and self._cached is not None and self._cached[0] == k:
+            return self._cached[1]
+        images = {p.image_id: p for p in self._load(k)}
+        self._cached = (k, images)
+        return images
+
+    def _ensure_index(self) -> dict[int, int]:
+        if self._index is None:
+            index: dict[int, int] = {}
+            spans = []
+            for k in range(len(self.chunks)):
+                ids = list(self._chunk(k))
+                for image_id in ids:
+                    if image_id in index:
+                        raise SegdistError(f"image {image_id} is in two chunks of {self.uri}: "
+                                           f"{self.chunks[index[image_id]]} and {self.chunks[k]}")
+                    index[image_id] = k
+                if ids:
+                    spans.append((min(ids), max(ids)))
+            self._index, self._spans = index, sorted(spans)
+        return self._index
+
+    def image_ids(self) -> list[int]:
+        return sorted(self._ensure_index())
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._ensure_index()
+
+    def get(self, image_id: int) -> ImageProposals:
+        index = self._ensure_index()
+        image_id = int(image_id)
+        if image_id not in index:
+            raise self._missing(image_id)
+        return self._chunk(index[image_id])[image_id]
+
+    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
+        for k in range(len(self.chunks)):
+            images = list(self._chunk(k).values())
+            yield sorted(images, key=lambda p: p.image_id)
+
+    def _chunk_id_ranges(self) -> list[tuple[int, int]]:
+        self._ensure_index()
+        return self._spans
+
+
+def _model_from_manifest(fs, root: str) -> str | None:
+    path = root.rstrip("/") + "/manifest.json"
+    try:
+        manifest = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, ValueError):
+        return None
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    if isinstance(model, dict):
+        model = model.get("name")
+    return model if isinstance(model, str) else None
+
+
+def _coco_chunks(fs, folder: str) -> list[tuple[str | None, str | None]]:
+    found: dict[int, dict[str, str]] = {}
+    for path in fs.glob(folder.rstrip("/") + "/chunk-*.json*"):
+        m = _CHUNK_RE.search(path)
+        if m:
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = path
+    return [(v.get("segm"), v.get("bbox")) for _, v in sorted(found.items())]
+
+
+def _props_files(fs, folder: str) -> dict[int, str]:
+    out = {}
+    for path in fs.glob(folder.rstrip("/") + "/props-*.json*"):
+        m = _PROPS_RE.search(path)
+        if m:
+            out[int(m.group(1))] = path
+    return out
+
+
+def open_proposals(uri: str, storage_options: Mapping[str, Any] | None = None, *,
+                   model: str | None = None) -> ProposalStore:
+    """Open a proposals location (segdist output, chunk folder, original layout or one file).
+
+    Args:
+        uri: local path or fsspec URI (``s3://bucket/run``, ``.../parquet``, ``.../x.json.gz``).
+        storage_options: fsspec options (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+        model: model name reported for COCO-JSON inputs (they do not store it).
+    Raises:
+        StorageError if nothing is there; SegdistError if no known layout is found.
+    """
+    fs, path = storage.url_to_fs(uri, storage_options)
+    path = path.rstrip("/") or path
+    if fs.isfile(path):
+        if path.endswith(".parquet"):
+            return ParquetStore(uri, [path], storage_options)
+        if path.endswith((".json", ".json.gz")):
+            return CocoResultsStore(uri, "coco-results", [(path, None)], storage_options,
+                                    model or "unknown")
+        raise SegdistError(f"{uri}: expected a .parquet or .json[.gz] proposals file")
+    if not fs.isdir(path):
+        raise StorageError(f"{uri} does not exist (expected a proposals folder or file)")
+
+    for folder in (path + "/parquet", path):
+        files = sorted(fs.glob(folder + "/*.parquet"))
+        if files:
+            return ParquetStore(uri, files, storage_options)
+
+    manifest_model = model or _model_from_manifest(fs, path) or "unknown"
+    for folder in (path + "/coco-json", path):
+        chunks = _coco_chunks(fs, folder)
+        if chunks:
+            return CocoResultsStore(uri, "coco-json", chunks, storage_options, manifest_model)
+
+    segm, bbox = _props_files(fs, path + "/segm"), _props_files(fs, path + "/bbox")
+    if segm or bbox:
+        starts = sorted(set(segm) | set(bbox))
+        return CocoResultsStore(uri, "original", [(segm.get(s), bbox.get(s)) for s in starts],
+                                storage_options, manifest_model)
+    for folder in (path, path + "/jsons"):
+        props = _props_files(fs, folder)
+        if props:
+            return CocoResultsStore(uri, "original", [(props[s], None) for s in sorted(props)],
+                                    storage_options, manifest_model)
+    raise SegdistError(
+        f"no proposals found at {uri}: expected parquet/chunk-*.parquet, "
+        "coco-json/chunk-*.segm.json[.gz], props-<start>-<end>.json or a COCO results .json file")

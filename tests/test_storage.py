@@ -1,0 +1,108 @@
+"""segdist.storage: atomic writes (local and s3 on loopback), clear errors, URI helpers."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from segdist import storage
+from segdist.errors import StorageError
+
+
+def test_atomic_write_local_creates_dirs_and_replaces(tmp_path):
+    uri = str(tmp_path / "a" / "b" / "f.bin")
+    storage.atomic_write(uri, b"one")
+    assert storage.read_bytes(uri) == b"one"
+    storage.atomic_write(uri, b"two")
+    assert storage.read_bytes(uri) == b"two"
+    assert os.listdir(tmp_path / "a" / "b") == ["f.bin"]  # no temp file left behind
+    assert storage.exists(uri) and not storage.exists(uri + ".x")
+
+
+def test_atomic_write_file_uri(tmp_path):
+    uri = "file://" + str(tmp_path / "x.json")
+    storage.atomic_write(uri, b"{}")
+    assert (tmp_path / "x.json").read_bytes() == b"{}"
+
+
+def test_exception_inside_atomic_open_keeps_old_content(tmp_path):
+    uri = str(tmp_path / "f.bin")
+    with pytest.raises(ValueError):
+        with storage.atomic_open(uri) as f:
+            f.write(b"x" * 1000)
+            raise ValueError("boom")
+    assert not os.path.exists(uri) and os.listdir(tmp_path) == []
+    with storage.atomic_open(uri) as f:
+        f.write(b"good")
+    with pytest.raises(KeyboardInterrupt):
+        with storage.atomic_open(uri) as f:
+            f.write(b"bad")
+            raise KeyboardInterrupt
+    assert storage.read_bytes(uri) == b"good"
+
+
+def test_readers_never_see_a_partial_file(tmp_path):
+    """A reader polling the final name while a writer rewrites it sees only whole versions."""
+    uri = str(tmp_path / "f.bin")
+    versions = [bytes([k]) * (1 << 20) for k in range(1, 9)]
+    storage.atomic_write(uri, versions[0])
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            data = open(uri, "rb").read()
+            seen.add(data[:1] + len(data).to_bytes(4, "big") + data[-1:])
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for v in versions[1:]:
+            storage.atomic_write(uri, v)
+    finally:
+        stop.set()
+        t.join()
+    whole = {v[:1] + len(v).to_bytes(4, "big") + v[-1:] for v in versions}
+    assert seen and seen <= whole
+
+
+def test_write_errors_are_storage_errors(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(StorageError, match="cannot write"):
+        storage.atomic_write(str(blocker / "sub" / "x"), b"1")  # parent is a file
+    with pytest.raises(StorageError, match="not writable"):
+        storage.check_writable(str(blocker / "sub"))
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.read_bytes(str(tmp_path / "missing"))
+    with pytest.raises(StorageError, match="cannot open"):
+        storage.url_to_fs("nosuchproto://bucket/x")
+
+
+def test_check_writable_leaves_no_probe(tmp_path):
+    storage.check_writable(str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_join_and_redact():
+    assert storage.join("s3://b/p", "x", "y.json") == "s3://b/p/x/y.json"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    red = storage.redact({"key": "AKIA", "secret": "s", "anon": False,
+                          "client_kwargs": {"endpoint_url": "http://h", "aws_session_token": "t"}})
+    assert red == {"key": "***", "secret": "***", "anon": False,
+                   "client_kwargs": {"endpoint_url": "http://h", "aws_session_token": "***"}}
+
+
+def test_atomic_write_on_s3(s3_bucket):
+    bucket, so = s3_bucket
+    uri = f"s3://{bucket}/deep/prefix/f.bin"
+    data = os.urandom(3 << 20)
+    storage.atomic_write(uri, data, so)
+    assert storage.read_bytes(uri, so) == data
+    storage.check_writable(f"s3://{bucket}/deep", so)
+    fs, path = storage.url_to_fs(f"s3://{bucket}/deep", so)
+    assert [os.path.basename(p) for p in fs.find(path)] == ["f.bin"]  # probe removed
+    with pytest.raises(StorageError, match="not writable"):
+        storage.check_writable("s3://no-such-bucket-segdist/x", so)
