@@ -47,6 +47,11 @@ def is_local(uri: str) -> bool:
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the protocol (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
     base = str(base)
+    if "::" in base:
+        # fsspec chained URL (``tar://VOCdevkit/VOC2007::simplecache::http://host/x.tar``): the
+        # parts belong to the first (innermost-path) link, the rest names its container.
+        head, chain = base.split("::", 1)
+        return join(head, *parts) + "::" + chain
     if "://" in base:
         proto, rest = base.split("://", 1)
         return proto + "://" + posixpath.join(rest, *parts)

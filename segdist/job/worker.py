@@ -123,10 +123,10 @@ class ChunkWorker:
             t0 = time.perf_counter()
             try:
                 image, reason = fut.result(), None
-            except ImageDecodeError as exc:
+            except ImageDecodeError as exc:  # a bad file: skip it, record why
                 image, reason = None, exc.reason
-            except SegdistError as exc:  # e.g. StorageError: the file is missing
-                image, reason = None, str(exc)
+            # Anything else (StorageError: permission, network) may be transient: it fails the
+            # attempt, and the chunk is retried rather than committed without the image.
             yield rec, image, reason, time.perf_counter() - t0
 
     def _run_model(self, images: list[np.ndarray], ids: list[int]) -> list[ImageProposals]:
