@@ -104,14 +104,61 @@ def atomic_write(uri: str, data: bytes, storage_options: Mapping[str, Any] | Non
 
 
 @contextlib.contextmanager
-def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[io.BytesIO]:
+def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> Iterator[io.IOBase]:
     """Binary file-like object whose contents land at ``uri`` only if the block exits cleanly.
 
-    An exception (or a killed process) inside the block leaves nothing at ``uri``.
+    An exception (or a killed process) inside the block leaves nothing at ``uri``. The bytes are
+    streamed, not held in memory (exports of a whole run can be GBs): locally into a temporary file
+    renamed into place; on stores whose files can be discarded (s3fs, gcsfs: a multipart/resumable
+    upload, invisible until completed, aborted on error). Other filesystems get an in-memory buffer
+    written with :func:`atomic_write`.
     """
+    fs, path = url_to_fs(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        directory = os.path.dirname(path) or "."
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
+        except OSError as exc:
+            raise StorageError(f"cannot write {uri}: {exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return
+    if _discardable(fs):
+        f = fs.open(path, "wb")
+        try:
+            yield f
+        except BaseException:
+            f.discard()  # abort the upload; closing would commit it
+            f.closed = True  # and keep the garbage collector's close() from trying to
+            raise
+        f.close()
+        return
     buf = io.BytesIO()
     yield buf
     atomic_write(uri, buf.getvalue(), storage_options)
+
+
+def _discardable(fs) -> bool:
+    """Whether ``fs.open(path, "wb").discard()`` really aborts the write (not fsspec's no-op)."""
+    import sys
+
+    from fsspec.spec import AbstractBufferedFile
+
+    # The file class is only known after opening, and opening may already create the file
+    # (memory://), so look the class up by name in the filesystem's module instead.
+    name = {"S3FileSystem": "S3File", "GCSFileSystem": "GCSFile"}.get(type(fs).__name__)
+    cls = getattr(sys.modules.get(type(fs).__module__), name, None) if name else None
+    return (isinstance(cls, type) and issubclass(cls, AbstractBufferedFile)
+            and cls.discard is not AbstractBufferedFile.discard)
 
 
 def check_writable(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -106,3 +106,38 @@ def test_atomic_write_on_s3(s3_bucket):
     assert [os.path.basename(p) for p in fs.find(path)] == ["f.bin"]  # probe removed
     with pytest.raises(StorageError, match="not writable"):
         storage.check_writable("s3://no-such-bucket-segdist/x", so)
+
+
+def test_atomic_open_streams_to_s3_and_aborts_on_error(s3_bucket, s3_server):
+    """Large outputs go up as a multipart upload: invisible until completed, aborted on error."""
+    import boto3
+
+    bucket, so = s3_bucket
+    so = dict(so, default_block_size=5 << 20)  # S3's minimum part size: keep the test small
+    uri = f"s3://{bucket}/exports/big.pkl"
+    part = os.urandom(1 << 20)
+    with pytest.raises(RuntimeError):
+        with storage.atomic_open(uri, so) as f:
+            for _ in range(12):  # > the 5 MiB block: parts are uploaded before the error
+                f.write(part)
+            assert f.mpu is not None  # a multipart upload really was in flight
+            raise RuntimeError("export failed half way")
+    assert not storage.exists(uri, so)
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    with storage.atomic_open(uri, so) as f:
+        for _ in range(12):
+            f.write(part)
+    assert storage.read_bytes(uri, so) == part * 12
+
+
+def test_atomic_open_other_filesystems_buffer(tmp_path):
+    uri = "memory://segdist-test/x.bin"
+    with pytest.raises(ValueError):
+        with storage.atomic_open(uri) as f:
+            f.write(b"partial")
+            raise ValueError
+    assert not storage.exists(uri)
+    with storage.atomic_open(uri) as f:
+        f.write(b"whole")
+    assert storage.read_bytes(uri) == b"whole"
