@@ -1,0 +1,184 @@
+"""The shipped run configs and cluster manifests: they validate, they say what to fill in, their
+errors name the field, and no secret leaks into what a run writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segdist.config import JobConfig, load_config, public_dict
+from segdist.errors import ConfigError
+from segdist.job import state
+from segdist.job.manifest import build_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+GENERATE = sorted((ROOT / "configs" / "generate").glob("*.yaml"))
+FILL = "output.uri=s3://my-bucket/proposals/run1"
+
+
+def test_the_shipped_set_is_complete():
+    names = {p.stem for p in GENERATE}
+    for ds in ("coco2014-train", "coco2014-val", "coco2017-train", "coco2017-val",
+               "voc2007-trainval", "voc2007-test", "voc2012-train", "voc2012-val"):
+        for model in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn"):
+            assert f"{ds}-{model}" in names
+    assert (ROOT / "configs" / "demo.yaml").is_file()
+
+
+@pytest.mark.parametrize("path", GENERATE, ids=lambda p: p.stem)
+def test_generate_config_needs_only_the_output(path):
+    # As shipped, the placeholder is refused with a message that says what to set.
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, str(path))
+    assert "output.uri" in str(err.value) and "placeholder" in str(err.value)
+    cfg = load_config(JobConfig, str(path), [FILL])
+    assert cfg.output.uri == "s3://my-bucket/proposals/run1"
+    stem = path.stem
+    assert cfg.model.name == next(m for m in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn")
+                                  if stem.endswith(m))
+    assert cfg.model.proposals == 1000 and cfg.output.chunk_size == 500
+    assert cfg.dataset.format == ("coco" if stem.startswith("coco") else "voc")
+    year = stem[3:7] if stem.startswith("voc") else stem[4:8]
+    split = stem.split("-")[1]
+    if cfg.dataset.format == "coco":
+        assert f"instances_{split}{year}.json" in cfg.dataset.annotations
+        assert cfg.dataset.images.endswith(f"/{split}{year}")
+    else:
+        assert f"VOC{year}" in cfg.dataset.root and cfg.dataset.split == split
+
+
+def test_demo_config_runs_as_is():
+    cfg = load_config(JobConfig, str(ROOT / "configs" / "demo.yaml"))
+    assert cfg.dataset.format == "coco" and "segdist-demo" in cfg.output.uri
+
+
+def test_errors_name_field_value_and_allowed_values():
+    path = str(GENERATE[0])
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path, [FILL, "model.name=sharpmask-zooom"])
+    msg = str(err.value)
+    assert "model.name" in msg and "sharpmask-zooom" in msg and "'sharpmask-zoom'" in msg
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path, [FILL, "output.formats=[coco-json, csv]"])
+    assert "output.formats" in str(err.value) and "csv" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path, [FILL, "output.chunk_size=0"])
+    assert "output.chunk_size" in str(err.value) and "0" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path, [FILL, "resources.gpu_per_worker=1"])
+    assert "resources.gpu_per_worker" in str(err.value) and "unknown field" in str(err.value)
+
+
+def test_overrides_apply_before_validation():
+    cfg = load_config(JobConfig, str(GENERATE[0]), [
+        FILL, "output.chunk_size=7", "resources.gpus_per_worker=0.25", "model.scales.max=0.5",
+        "output.formats=[parquet]", "dataset.limit=100"])
+    assert cfg.output.chunk_size == 7 and cfg.resources.gpus_per_worker == 0.25
+    assert cfg.model.scales.max == 0.5 and cfg.output.formats == ["parquet"]
+    assert cfg.dataset.limit == 100
+
+
+def test_secrets_never_reach_the_run_record_or_manifest():
+    cfg = load_config(JobConfig, str(GENERATE[0]), [
+        FILL, "output.storage_options={key: AKIAEXAMPLEKEY, secret: s3cr3t-value, "
+              "client_kwargs: {endpoint_url: 'http://minio:9000'}}",
+        "dataset.storage_options={token: gcs-t0ken}"])
+    pub = public_dict(cfg)
+    assert pub["output"]["storage_options"]["key"] == "***"
+    assert pub["output"]["storage_options"]["client_kwargs"]["endpoint_url"] == "http://minio:9000"
+    run_record = state.RunRecord(fingerprint="x", settings=state.output_settings(cfg)).to_json().decode()
+    manifest = json.dumps(build_manifest(config=pub, model={}, dataset={}, chunk_size=1, n_chunks=0,
+                                         records={}, failed_chunks=[], timings={}))
+    for text in (json.dumps(pub), run_record, manifest):
+        for secret in ("AKIAEXAMPLEKEY", "s3cr3t-value", "gcs-t0ken"):
+            assert secret not in text
+
+
+def test_output_fingerprint_ignores_execution_settings_only():
+    base = load_config(JobConfig, str(GENERATE[0]), [FILL])
+    fp = state.fingerprint(state.output_settings(base))
+    same = load_config(JobConfig, str(GENERATE[0]), [
+        "output.uri=s3://elsewhere/x", "model.batch_size=8", "model.device=cpu",
+        "resources.num_workers=3", "output.storage_options={key: k}"])
+    assert state.fingerprint(state.output_settings(same)) == fp
+    for change in ("model.proposals=500", "output.chunk_size=100", "model.precision=bf16",
+                   "dataset.limit=10", "output.gzip=false"):
+        other = load_config(JobConfig, str(GENERATE[0]), [FILL, change])
+        assert state.fingerprint(state.output_settings(other)) != fp, change
+
+
+# -- cluster/ ------------------------------------------------------------------------------------
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((ROOT / "cluster" / name).read_text())
+
+
+def test_aws_launcher_config():
+    c = _load("aws-gpu.yaml")
+    for key in ("cluster_name", "max_workers", "provider", "auth", "available_node_types",
+                "head_node_type", "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in c, key
+    assert c["provider"]["type"] == "aws" and c["provider"]["region"]
+    assert c["auth"]["ssh_user"]
+    types = c["available_node_types"]
+    assert c["head_node_type"] in types
+    workers = [t for n, t in types.items() if n != c["head_node_type"]]
+    gpu = [t for t in workers if t["node_config"]["InstanceType"].split(".")[0][0] in "gp"]
+    assert gpu and all(t["max_workers"] >= t["min_workers"] for t in gpu)
+    assert sum(t["max_workers"] for t in workers) <= c["max_workers"]
+    head_start = " ".join(c["head_start_ray_commands"])
+    assert "--head" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert "--dashboard-host=127.0.0.1" in head_start  # the Jobs API is not public
+    assert "RAY_AUTH_MODE=token" in " ".join(c["worker_start_ray_commands"])
+    assert "~/.ray/auth_token" in c["file_mounts"]  # one token on every node
+
+
+def _containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def _check_ray_cluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"]
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"  # no public dashboard/Jobs API
+    groups = spec["workerGroupSpecs"]
+    gpu_groups = [g for g in groups
+                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in _containers(g["template"]))]
+    assert gpu_groups
+    for g in groups:
+        assert g["groupName"] and g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        assert "rayStartParams" in g
+    for template in [head["template"]] + [g["template"] for g in groups]:
+        for c in _containers(template):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["RAY_AUTH_MODE"]["value"] == "token"
+            assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]  # not inline
+
+
+def test_kuberay_raycluster():
+    c = _load("kuberay/raycluster.yaml")
+    assert c["apiVersion"] == "ray.io/v1" and c["kind"] == "RayCluster"
+    _check_ray_cluster_spec(c["spec"])
+
+
+def test_kuberay_rayjob():
+    c = _load("kuberay/rayjob.yaml")
+    assert c["apiVersion"] == "ray.io/v1" and c["kind"] == "RayJob"
+    spec = c["spec"]
+    _check_ray_cluster_spec(spec["rayClusterSpec"])
+    for key in ("shutdownAfterJobFinishes", "ttlSecondsAfterFinished", "activeDeadlineSeconds",
+                "backoffLimit"):
+        assert key in spec
+    words = spec["entrypoint"].split()
+    assert words[:2] == ["python", "jobs/generate.py"] and (ROOT / words[1]).is_file()
+    assert (ROOT / words[2]).is_file()
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"]
+    # The entrypoint's config, with its overrides, is a valid run config.
+    overrides = [words[i + 1] for i, w in enumerate(words) if w == "--set"]
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_config(JobConfig, str(ROOT / words[2]), overrides)
+    load_config(JobConfig, str(ROOT / words[2]), overrides + [FILL])
