@@ -57,13 +57,15 @@ _MIN_CONTRAST = 90.0  # RGB distance between an object's colour and what lies un
 
 @dataclass
 class SyntheticInstance:
-    """One annotated object: its category, visible mask ``bool[H, W]``, crowd flag, and whether its
-    full shape was cut by the image border (VOC ``truncated``)."""
+    """One annotated object: its category, visible mask ``bool[H, W]`` (the ground truth), crowd
+    flag, whether its shape was cut by the image border (VOC ``truncated``), and ``full_area``, its
+    in-image pixel count before later objects covered part of it."""
 
     category: str
     mask: np.ndarray
     iscrowd: bool
     truncated: bool
+    full_area: int
 
 
 @dataclass
@@ -125,7 +127,8 @@ def make_scene(
     noisy = canvas + rng.normal(0.0, 3.0, canvas.shape)
     image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
     instances = [
-        SyntheticInstance(category=c, mask=label == k, iscrowd=crowd, truncated=cut)
+        SyntheticInstance(category=c, mask=label == k, iscrowd=crowd, truncated=cut,
+                          full_area=full_area[k])
         for k, (c, crowd, cut) in enumerate(shapes, start=1)
     ]
     ext = "png" if rng.random() < PNG_SHARE else "jpg"
