@@ -9,7 +9,8 @@ which chunk was lost with it. Here the driver keeps the queue itself:
   it is reported failed and the rest of the job carries on;
 - an actor that died (crash, out of memory, lost node) is killed for good and replaced by a fresh
   actor in the same slot (a replacement costs the same model load as a Ray restart would, and keeps
-  the accounting of which chunks were lost exact); a slot gives up after ``max_replacements``;
+  the accounting of which chunks were lost exact); a slot gives up after ``max_replacements``
+  losses in a row without a committed chunk in between;
 - when an actor dies with several chunks in flight, nobody knows which one killed it: each gets an
   attempt counted, and is then retried *solo* (alone on its worker), so an innocent chunk loses at
   most one attempt to a poisonous neighbour.
@@ -83,7 +84,7 @@ class Dispatcher:
         num_workers: actors (slots) to start.
         actor_options: ``ray.remote`` options (num_gpus, num_cpus, runtime_env, ...).
         max_chunk_attempts: attempts before a chunk is reported failed.
-        max_replacements: how many times one slot may replace a dead actor.
+        max_replacements: how many dead actors in a row (no chunk committed between) one slot replaces.
         depth: chunks in flight per worker.
         on_first_worker: called with the first worker's WorkerInfo before any chunk is sent (the
             driver checks the model identity there; an exception aborts the run).
@@ -246,6 +247,10 @@ class Dispatcher:
                         continue
                     if current and slot.solo and not slot.inflight:
                         slot.solo = False
+                    if current:
+                        # The budget counts consecutive losses: a long run on preemptible nodes may
+                        # lose many workers over a day, and a slot that makes progress is healthy.
+                        slot.replacements = 0
                     solo.discard(index)
                     done[index] = record
                     if self.on_done:

@@ -254,5 +254,5 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
         proposals=doc["totals"]["proposals"], seconds=run_seconds,
         images_per_second=images_now / run_seconds if done and run_seconds > 0 else 0.0,
         written_chunks=sorted(done))
-    log.info("%s", result.summary())
+    log.debug("%s", result.summary())
     return result
