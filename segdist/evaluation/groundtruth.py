@@ -21,8 +21,10 @@ import numpy as np
 from segdist.errors import SegdistError
 
 #: Image-dict key a dataset sets to False when an image has no segment ground truth (PASCAL VOC
-#: images outside SegmentationObject): such images take part in box AR only.
-HAS_SEGMENTS_KEY = "has_segmentation"
+#: images without a SegmentationObject PNG, see segdist.data.voc): box AR only for those.
+HAS_SEGMENTS_KEY = "has_segm"
+#: Top-level key listing the images that have segment ground truth (VOC conversion writes it).
+SEGM_IMAGE_IDS_KEY = "segm_image_ids"
 
 
 @dataclass
@@ -71,7 +73,8 @@ def eval_image_ids(coco_gt: Mapping[str, Any], iou_type: str,
     """Sorted ids of the images an ``iou_type`` evaluation runs over.
 
     All images of ``coco_gt`` (or of ``image_ids``, which must be in it), except that segment
-    evaluation skips images whose dict has ``"has_segmentation": false`` (VOC: box GT only).
+    evaluation keeps only images with segment GT: those listed in ``coco_gt["segm_image_ids"]``
+    when present, and never one whose image dict has ``"has_segm": false`` (VOC: boxes only).
     """
     images = {int(im["id"]): im for im in coco_gt.get("images", [])}
     if image_ids is None:
@@ -83,6 +86,9 @@ def eval_image_ids(coco_gt: Mapping[str, Any], iou_type: str,
             raise SegdistError(f"{len(unknown)} image ids are not in the ground truth "
                                f"(e.g. {unknown[:5]}); check --dataset")
     if iou_type == "segm":
+        if coco_gt.get(SEGM_IMAGE_IDS_KEY) is not None:
+            listed = {int(i) for i in coco_gt[SEGM_IMAGE_IDS_KEY]}
+            ids = [i for i in ids if i in listed]
         ids = [i for i in ids if images[i].get(HAS_SEGMENTS_KEY, True) is not False]
     return ids
 

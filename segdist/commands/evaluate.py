@@ -1,0 +1,144 @@
+"""``segdist evaluate --proposals A [B ...] --dataset D``: exact sharded AR, report and plots."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import posixpath
+from typing import Any
+
+HELP = "average recall of proposals (sharded, exact), with a report and plots"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--proposals", nargs="+", required=True, metavar="URI",
+                        help="one or more proposal locations (segdist output, coco-json or parquet "
+                             "folder, original props-<start>-<end>.json folder, or one COCO "
+                             "results file); several are compared in one table and plot")
+    parser.add_argument("--dataset", required=True,
+                        help="ground truth: a run/dataset config YAML (its 'dataset' section, COCO "
+                             "or VOC) or a COCO instances JSON URI")
+    parser.add_argument("--images", default=None,
+                        help="image folder URI (only to complete a COCO dataset; not read)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate only the first N images by ascending id (e.g. 5000 for the "
+                             "papers' COCO val2014 protocol)")
+    parser.add_argument("--out", default=None,
+                        help="report folder URI (default: <first proposals>/eval)")
+    parser.add_argument("--names", nargs="+", default=None,
+                        help="row names for the runs in the table and plots (default: folder names)")
+    parser.add_argument("--iou-types", nargs="+", choices=("segm", "bbox"), default=None,
+                        help="default: segm and bbox (segm skipped for box-only proposals)")
+    parser.add_argument("--max-dets", type=int, default=1000,
+                        help="proposals per image evaluated (COCOeval maxDets[-1]; default 1000)")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help='fsspec options for proposals, dataset and output, e.g. '
+                             '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (e.g. auto or ray://head:10001); default: "
+                             "RAY_ADDRESS if set, else a local Ray on this machine")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the local Ray (default: all); ignored with --address")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _storage_options(text: str | None) -> dict[str, Any]:
+    from segdist.errors import ConfigError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--storage-options is not valid JSON ({exc}); e.g. "
+                          '\'{"client_kwargs": {"endpoint_url": "http://host:9000"}}\'') from None
+    if not isinstance(value, dict):
+        raise ConfigError("--storage-options must be a JSON object")
+    return value
+
+
+def _load_dataset(cfg):
+    try:
+        from segdist.data import load_dataset
+    except ImportError:  # the dispatcher is optional here: both loaders take the same fields
+        from segdist.data.coco import load_coco
+        from segdist.data.voc import load_voc
+
+        if cfg.format == "voc":
+            return load_voc(cfg.root, cfg.split, cfg.image_set, cfg.storage_options,
+                            cfg.limit, cfg.image_ids)
+        return load_coco(cfg.annotations, cfg.images, cfg.storage_options, cfg.limit,
+                         cfg.image_ids)
+    return load_dataset(cfg)
+
+
+def load_ground_truth(dataset: str, images: str | None, limit: int | None,
+                      storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(coco_gt, info)`` from a config YAML (its ``dataset`` section) or an annotations URI."""
+    import yaml
+
+    from segdist.config import DatasetConfig, validate
+    from segdist.errors import ConfigError
+    from segdist.storage import read_bytes
+
+    if dataset.endswith((".yaml", ".yml")):
+        try:
+            raw = yaml.safe_load(read_bytes(dataset).decode("utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {dataset} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config {dataset} must be a YAML mapping")
+        section = dict(raw.get("dataset", raw))
+        if images:
+            section["images"] = images
+        if limit:
+            section["limit"] = limit
+        if storage_options and not section.get("storage_options"):
+            section["storage_options"] = storage_options
+        cfg = validate(DatasetConfig, section, dataset)
+        ds = _load_dataset(cfg)
+        return ds.coco_gt, {"name": ds.name, "source": dataset, "format": cfg.format,
+                            "images": len(ds)}
+    from segdist.data.coco import load_coco
+
+    ds = load_coco(dataset, images or posixpath.dirname(dataset.rstrip("/")), storage_options,
+                   limit=limit)
+    return ds.coco_gt, {"name": ds.name, "source": dataset, "format": "coco", "images": len(ds)}
+
+
+def run(args: argparse.Namespace) -> int:
+    from segdist.errors import ConfigError
+    from segdist.evaluation.report import build_report, default_out, markdown_table, write_report
+    from segdist.evaluation.sharded import connect_ray, evaluate_proposals
+    from segdist.storage import check_writable
+
+    if args.names and len(args.names) != len(args.proposals):
+        raise ConfigError(f"--names gives {len(args.names)} names for {len(args.proposals)} "
+                          "--proposals locations; give one per location or none")
+    if args.max_dets < 1:
+        raise ConfigError(f"--max-dets must be >= 1, got {args.max_dets}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    options = _storage_options(args.storage_options)
+    out = args.out or default_out(args.proposals[0])
+    check_writable(out, options)  # fail before the work, not after it
+
+    coco_gt, info = load_ground_truth(args.dataset, args.images, args.limit, options)
+    import ray
+
+    started = connect_ray(args.address, args.num_cpus)
+    try:
+        runs = [evaluate_proposals(uri, coco_gt, iou_types=args.iou_types, max_dets=args.max_dets,
+                                   storage_options=options, progress=not args.no_progress)
+                for uri in args.proposals]
+    finally:
+        if started:
+            ray.shutdown()
+    report = build_report(runs, info, args.names)
+    written = write_report(report, out, options)
+    print(markdown_table(report), end="")
+    print(f"report: {written['eval.json']} (+ table.md, ar_vs_proposals.png, recall_vs_iou.png)")
+    return 0
