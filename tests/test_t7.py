@@ -392,3 +392,40 @@ def test_writer_round_trip_of_plain_values(tmp_path):
     np.testing.assert_array_equal(got[b"t1"], np.arange(2, 8).reshape(2, 3))
     np.testing.assert_array_equal(got[b"t2"], np.arange(6).reshape(2, 3).T)
     assert contiguous_strides((2, 3, 4)) == (12, 4, 1)
+
+
+def test_convert_t7_command_from_and_to_s3(tmp_path, s3_bucket, capsys, windows):
+    import s3fs
+
+    from segdist.cli import main
+    from segdist.models.checkpoint import load_model
+
+    bucket, opts = s3_bucket
+    tree = deepmask_file("resnet18", "1xCx1x1", seed=3)
+    local = tmp_path / "model.t7"
+    save_t7(tree, str(local))
+    fs = s3fs.S3FileSystem(**opts)
+    fs.put_file(str(local), f"{bucket}/orig/model.t7")
+    src, out = f"s3://{bucket}/orig/model.t7", f"s3://{bucket}/ckpt/deepmask.safetensors"
+    assert main(["convert-t7", src, out]) == 0
+    assert "deepmask (resnet18, layout released" in capsys.readouterr().out
+    model, info = load_model(out)
+    import hashlib
+
+    assert info.kind == "deepmask" and info.config.layout == "released"
+    assert info.extra["source"] == src
+    assert info.extra["source_sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert info.extra["original_config"]["iSz"] == HEADS["i_sz"]
+    m = tree["model"].fields
+    with torch.no_grad():
+        masks, scores = model(windows)
+        emb = run(m["trunk"], windows)
+        close(scores, run(m["scoreBranch"], emb)[:, 0])
+        close(masks, run(m["maskBranch"].fields["modules"][0], emb).reshape(masks.shape))
+    # An existing output is kept unless --overwrite; a bad source is one clear line, exit 2.
+    assert main(["convert-t7", src, out]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "junk.t7").write_bytes(b"junk")
+    assert main(["convert-t7", str(tmp_path / "junk.t7"), str(tmp_path / "x.safetensors")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
