@@ -167,6 +167,16 @@ def test_ground_truth_as_proposals_gives_full_recall(coco_export):
     assert ev.stats[8] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("sides, objects", [((32, 32), (0, 3)), ((48, 160), (0, 6)), ((400, 560), (8, 12))])
+def test_extreme_options_render_valid_scenes(sides, objects):
+    for i in range(4):
+        s = make_scene(1, i, min_side=sides[0], max_side=sides[1], min_objects=objects[0],
+                       max_objects=objects[1], crowd_prob=0.5)
+        assert sides[0] <= min(s.height, s.width) and max(s.height, s.width) <= sides[1]
+        assert len(s.instances) <= objects[1] + 1  # + the crowd region
+        assert all(x.mask.shape == (s.height, s.width) and x.mask.sum() >= 40 for x in s.instances)
+
+
 def test_split_is_deterministic_and_bounded():
     assert split_of(3, 10, 0.2) == split_of(3, 10, 0.2)
     assert split_of(3, 10, 0.2).count("val") == 2

@@ -555,7 +555,7 @@ def _shape(rng: np.random.Generator, category: str, height: int, width: int) -> 
         if category == "ellipse":
             mask = rho2 <= 1.0
         elif category == "ring":
-            inner = rng.uniform(0.35, min(0.7, 1 - 3.0 / (radius * aspect)))
+            inner = rng.uniform(0.35, max(0.35, min(0.7, 1 - 3.0 / (radius * aspect))))
             mask = (rho2 <= 1.0) & (rho2 >= inner * inner)
         else:  # blob
             phi = np.arctan2(v, u)
@@ -588,8 +588,10 @@ def _polygon(rng, cy, cx, radius, aspect, theta, shape) -> np.ndarray:
 
 
 def _crowd(rng: np.random.Generator, height: int, width: int) -> _Shape | None:
-    """A crowd region: 10-30 small overlapping ellipses in a 50-150 px area, as one mask."""
-    side = rng.uniform(50, min(150, 0.8 * min(height, width)))
+    """A crowd region: 10-30 small overlapping ellipses in a 50-150 px area (less in small
+    images), as one mask."""
+    room = 0.8 * min(height, width)
+    side = rng.uniform(min(50.0, room), min(150.0, room))
     cy, cx, y0, x0, y1, x1 = _window(rng, height, width, side / 2)
     if y1 <= y0 or x1 <= x0:
         return None
