@@ -127,7 +127,8 @@ def from_table(table: pa.Table, entries: Sequence[dict[str, Any]]) -> list[Image
     """Proposals of the images in ``entries`` (in that order) from rows of ``table``.
 
     ``table`` must hold all rows of those images (any order: rows are sorted by (image_id, rank)
-    here); images with no rows come back with zero proposals.
+    here); images with no rows come back with zero proposals. Without a ``counts`` column the
+    masks come back None.
     """
     if table.num_rows:
         table = table.sort_by([("image_id", "ascending"), ("rank", "ascending")])
@@ -135,13 +136,15 @@ def from_table(table: pa.Table, entries: Sequence[dict[str, Any]]) -> list[Image
     scores = table.column("score").to_numpy()
     boxes = (table.column("bbox").combine_chunks().flatten().to_numpy().reshape(-1, 4)
              if table.num_rows else np.zeros((0, 4), np.float32))
-    counts_col = table.column("counts").cast(pa.binary()).to_pylist()
+    # Readers that do not need masks leave the (largest) counts column out.
+    counts_col = (table.column("counts").cast(pa.binary()).to_pylist()
+                  if "counts" in table.column_names else None)
     labels_col = table.column("label")
     starts = np.searchsorted(ids, [e["id"] for e in entries], side="left")
     ends = np.searchsorted(ids, [e["id"] for e in entries], side="right")
     out = []
     for e, a, b in zip(entries, starts.tolist(), ends.tolist()):
-        counts = list(counts_col[a:b]) if e["masks"] else None
+        counts = list(counts_col[a:b]) if e["masks"] and counts_col is not None else None
         labels = (labels_col.slice(a, b - a).to_numpy(zero_copy_only=False).astype(np.int32)
                   if e["labels"] else None)
         out.append(ImageProposals(e["id"], e["height"], e["width"], scores[a:b].copy(),

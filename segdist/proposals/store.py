@@ -101,16 +101,20 @@ class ProposalStore:
         """The proposals of one image (raises MissingImageError if the id is not here)."""
         raise NotImplementedError
 
-    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
-        """Each chunk file's images (ascending id), one chunk in memory at a time."""
+    def iter_chunks(self, masks: bool = True) -> Iterator[list[ImageProposals]]:
+        """Each chunk file's images (ascending id), one chunk in memory at a time.
+
+        ``masks=False`` skips reading the masks where the format allows it (Parquet ``counts``
+        column; the bbox file of COCO-JSON chunks): counts come back None.
+        """
         raise NotImplementedError
 
-    def iter_images(self) -> Iterator[ImageProposals]:
+    def iter_images(self, masks: bool = True) -> Iterator[ImageProposals]:
         """Every image in ascending id order (streams chunk by chunk when chunks are in id order)."""
         ranges = self._chunk_id_ranges()
         ordered = all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
         if ordered:
-            for chunk in self.iter_chunks():
+            for chunk in self.iter_chunks(masks=masks):
                 yield from chunk
         else:
             for image_id in self.image_ids():
@@ -227,14 +231,18 @@ class ParquetStore(ProposalStore):
         table = table.filter(pc.equal(table.column("image_id"), image_id))
         return parquet_format.from_table(table, [entry])[0]
 
-    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
+    def iter_chunks(self, masks: bool = True) -> Iterator[list[ImageProposals]]:
         fs = self._fs()
         import pyarrow.parquet as pq
 
+        columns = None if masks else [n for n in parquet_format.SCHEMA.names if n != "counts"]
         for k in sorted(range(len(self.paths)), key=self._first_id):
             with fs.open(self.paths[k], "rb") as f:
-                table = pq.read_table(f)
-            yield parquet_format.from_table(table, self._file_entries[k])
+                table = pq.read_table(f, columns=columns)
+            entries = self._file_entries[k]
+            if not masks:
+                entries = [dict(e, masks=False) for e in entries]
+            yield parquet_format.from_table(table, entries)
             del table
 
     def _first_id(self, k: int) -> int:
@@ -284,9 +292,11 @@ class CocoResultsStore(ProposalStore):
         state["_cached"] = None
         return state
 
-    def _load(self, k: int) -> list[ImageProposals]:
+    def _load(self, k: int, masks: bool = True) -> list[ImageProposals]:
         fs = self._fs()
         segm_path, bbox_path = self.chunks[k]
+        if not masks and bbox_path is not None:
+            segm_path = None
 
         def read(path: str | None):
             if path is None:
@@ -342,9 +352,9 @@ class CocoResultsStore(ProposalStore):
             raise self._missing(image_id)
         return self._chunk(index[image_id])[image_id]
 
-    def iter_chunks(self) -> Iterator[list[ImageProposals]]:
+    def iter_chunks(self, masks: bool = True) -> Iterator[list[ImageProposals]]:
         for k in range(len(self.chunks)):
-            images = list(self._chunk(k).values())
+            images = list(self._chunk(k).values()) if masks else self._load(k, masks=False)
             yield sorted(images, key=lambda p: p.image_id)
 
     def _chunk_id_ranges(self) -> list[tuple[int, int]]:
