@@ -11,7 +11,7 @@ import yaml
 
 from segdist.config import JobConfig, load_config, public_dict
 from segdist.errors import ConfigError
-from segdist.job import state
+from segdist.job import preflight, state
 from segdist.job.manifest import build_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_the_shipped_set_is_complete():
 
 
 @pytest.mark.parametrize("path", GENERATE, ids=lambda p: p.stem)
-def test_generate_config_needs_only_the_output(path):
+def test_generate_config_says_what_to_fill_in(path):
     # As shipped, the placeholder is refused with a message that says what to set.
     with pytest.raises(ConfigError) as err:
         load_config(JobConfig, str(path))
@@ -40,6 +40,14 @@ def test_generate_config_needs_only_the_output(path):
     assert cfg.model.name == next(m for m in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn")
                                   if stem.endswith(m))
     assert cfg.model.proposals == 1000 and cfg.output.chunk_size == 500
+    if cfg.model.name == "maskrcnn":
+        assert cfg.model.weights == "DEFAULT"
+        preflight.check_weights(cfg.model)
+    else:
+        # DeepMask/SharpMask need the converted original (or a trained) checkpoint: the job says
+        # so before starting any worker.
+        with pytest.raises(ConfigError, match="model.weights is still the placeholder"):
+            preflight.check_weights(cfg.model)
     assert cfg.dataset.format == ("coco" if stem.startswith("coco") else "voc")
     year = stem[3:7] if stem.startswith("voc") else stem[4:8]
     split = stem.split("-")[1]

@@ -2,7 +2,8 @@
 
 Order of work (each step can stop the run before anything expensive happens):
 
-1. preflight: the output is writable, the dataset's index loads and its first image exists;
+1. preflight: the output is writable, the weights file exists, the dataset's index loads and its
+   first image exists;
 2. the plan: sorted image ids in chunks of ``output.chunk_size``;
 3. the output's run record (``_segdist/run.json``): a different config is refused unless
    ``overwrite``; the record is written before any chunk;
@@ -129,6 +130,7 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     opts = cfg.output.storage_options
 
     preflight.check_output(cfg.output)
+    preflight.check_weights(cfg.model)
     dataset = preflight.load_checked_dataset(cfg.dataset)
     plan = plan_chunks(dataset.images, cfg.output.chunk_size)
     n_images = len(dataset)

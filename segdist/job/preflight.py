@@ -4,7 +4,7 @@ a cluster has spun up and loaded models."""
 from __future__ import annotations
 
 from segdist import storage
-from segdist.config import DatasetConfig, OutputConfig
+from segdist.config import OUTPUT_URI_PLACEHOLDER, DatasetConfig, ModelConfig, OutputConfig
 from segdist.data.records import Dataset
 from segdist.errors import ConfigError, SegdistError, StorageError
 
@@ -43,3 +43,24 @@ def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
         raise StorageError(f"the dataset's first image {first.uri} (id {first.image_id}) does not "
                            f"exist; check {hint}")
     return dataset
+
+
+def check_weights(model: ModelConfig) -> None:
+    """Raise unless ``model.weights`` is unset, a torchvision enum name, or an existing file.
+
+    Every worker would otherwise fail to load the model, on every node, minutes into the run.
+    """
+    w = model.weights
+    if w is None or w == "DEFAULT" or ("/" not in w and "." not in w):
+        return  # random weights, or an enum name that build_generator resolves (and checks)
+    if OUTPUT_URI_PLACEHOLDER in w:
+        raise ConfigError(
+            f"model.weights is still the placeholder {w!r}: convert the original model once "
+            "(segdist convert-t7 URL_OF_model.t7 s3://your-bucket/models/NAME.safetensors, see "
+            "docs/t7.md) or train one (segdist train), then --set model.weights=THAT_URI")
+    try:
+        found = storage.exists(w, model.storage_options)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot reach model.weights {w}: {exc}") from exc
+    if not found:
+        raise StorageError(f"model.weights {w} does not exist; check the URI")

@@ -138,7 +138,8 @@ def build_runtime_env(working_dir: Path | None, pip: str | None = None,
 def submit(config: str, *, address: str | None = None, entry: str = "generate",
            overrides: Sequence[str] = (), working_dir: str | Path | None = ".",
            pip: str | None = None, env: Mapping[str, str] | None = None,
-           entrypoint_num_gpus: float | None = None, submission_id: str | None = None) -> str:
+           entrypoint_num_gpus: float | None = None, submission_id: str | None = None,
+           agent_wait_s: float = 120.0) -> str:
     """Submit one run; returns the job's submission id. ``working_dir=None``: no upload."""
     wd = Path(working_dir).resolve() if working_dir is not None else None
     if wd is not None and not wd.is_dir():
@@ -154,11 +155,18 @@ def submit(config: str, *, address: str | None = None, entry: str = "generate",
     kwargs: dict[str, Any] = {}
     if entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-    try:
-        return c.submit_job(entrypoint=entrypoint, runtime_env=build_runtime_env(wd, pip, env),
-                            submission_id=job_id, metadata={"segdist_entry": entry}, **kwargs)
-    except (RuntimeError, ValueError) as exc:
-        raise SegdistError(f"the cluster refused the job: {exc}") from None
+    runtime_env = build_runtime_env(wd, pip, env)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id,
+                                metadata={"segdist_entry": entry}, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            # A head that has just started answers before its job agent is up: wait for it.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            raise SegdistError(f"the cluster refused the job: {exc}") from None
 
 
 def follow(job_id: str, address: str | None = None, write: Callable[[str], Any] = sys.stdout.write) -> str:
