@@ -60,27 +60,13 @@ def _storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
-def _load_dataset(cfg):
-    try:
-        from segdist.data import load_dataset
-    except ImportError:  # the dispatcher is optional here: both loaders take the same fields
-        from segdist.data.coco import load_coco
-        from segdist.data.voc import load_voc
-
-        if cfg.format == "voc":
-            return load_voc(cfg.root, cfg.split, cfg.image_set, cfg.storage_options,
-                            cfg.limit, cfg.image_ids)
-        return load_coco(cfg.annotations, cfg.images, cfg.storage_options, cfg.limit,
-                         cfg.image_ids)
-    return load_dataset(cfg)
-
-
 def load_ground_truth(dataset: str, images: str | None, limit: int | None,
                       storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(coco_gt, info)`` from a config YAML (its ``dataset`` section) or an annotations URI."""
     import yaml
 
     from segdist.config import DatasetConfig, validate
+    from segdist.data import load_dataset
     from segdist.errors import ConfigError
     from segdist.storage import read_bytes
 
@@ -99,7 +85,7 @@ def load_ground_truth(dataset: str, images: str | None, limit: int | None,
         if storage_options and not section.get("storage_options"):
             section["storage_options"] = storage_options
         cfg = validate(DatasetConfig, section, dataset)
-        ds = _load_dataset(cfg)
+        ds = load_dataset(cfg)
         return ds.coco_gt, {"name": ds.name, "source": dataset, "format": cfg.format,
                             "images": len(ds)}
     from segdist.data.coco import load_coco
