@@ -92,6 +92,7 @@ class ModelConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     memory_budget_mb: int = Field(default=1024, ge=16)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # for a weights file's URI
 
 
 OUTPUT_URI_PLACEHOLDER = "SET-ME"

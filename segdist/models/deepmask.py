@@ -179,6 +179,35 @@ class DeepMask(nn.Module):
         vecs = emb[idx[:, 0], :, idx[:, 1], idx[:, 2]]  # K x fc_dim
         return self.mask_logits(vecs)
 
+    # -- the protocol whole-image inference uses (segdist.models.inference) --------------------
+    @property
+    def mask_size(self) -> int:
+        """Side of the mask logits a window yields (o_sz)."""
+        return self.cfg.o_sz
+
+    @property
+    def activation_bytes_per_px(self) -> int:
+        """Rough peak trunk working memory per padded input pixel and image (fp32), for tiling."""
+        return 320 if self.cfg.arch == "resnet50" else 160
+
+    @property
+    def halo_px(self) -> int:
+        """Input pixels beyond a window's layer3 cells that can change its outputs (tiling halo)."""
+        return self.trunk.resnet.rf_radius
+
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Padded image(s) [B, 3, H, W] -> (embedding map [B, fc_dim, h, w], per-window extras
+        maps: none for DeepMask)."""
+        return self.features(x), []
+
+    def window_extras(self, extras: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
+        """Per-window slices of the extras maps for cells idx [K, 3]: none for DeepMask."""
+        return []
+
+    def window_masks(self, vecs: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
+        """Embedding vectors [K, fc_dim] (+ window extras) -> mask logits [K, o_sz, o_sz]."""
+        return self.mask_logits(vecs)
+
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -116,6 +116,39 @@ class SharpMask(nn.Module):
         vecs = emb[idx[:, 0], :, idx[:, 1], idx[:, 2]]
         return self.refine(vecs, self.windows(hmaps, idx))
 
+    # -- the protocol whole-image inference uses (segdist.models.inference) --------------------
+    @property
+    def mask_size(self) -> int:
+        """Side of the mask logits a window yields (i_sz)."""
+        return self.cfg.i_sz
+
+    @property
+    def activation_bytes_per_px(self) -> int:
+        """Trunk working memory plus the horizontal nets' maps (conv1-level dominates), per px."""
+        return self.deepmask.activation_bytes_per_px + 160
+
+    @property
+    def halo_px(self) -> int:
+        """Trunk receptive radius plus the horizontal nets' three 3x3 convs on layer3 (48 px)."""
+        return self.deepmask.trunk.resnet.rf_radius + 3 * STRIDE
+
+    def score_map(self, emb: torch.Tensor) -> torch.Tensor:
+        """Embedding map [B, fc_dim, h, w] -> score logits [B, h, w] (DeepMask's score head)."""
+        return self.deepmask.score_map(emb)
+
+    def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Padded image(s) [B, 3, H, W] -> (embedding map, the 4 horizontal-net maps)."""
+        emb, feats = self.deepmask.trunk.dense(x)
+        return emb, self.hmaps(feats)
+
+    def window_extras(self, extras: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
+        """The horizontal-net windows of cells idx [K, 3] (see :meth:`windows`)."""
+        return self.windows(extras, idx)
+
+    def window_masks(self, vecs: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
+        """Embedding vectors [K, fc_dim] + horizontal windows -> mask logits [K, i_sz, i_sz]."""
+        return self.refine(vecs, extras)
+
 
 def gather_windows(fmap: torch.Tensor, idx: torch.Tensor, step: int, size: int) -> torch.Tensor:
     """Square windows of a feature map.
