@@ -2,8 +2,9 @@
 
 Set ``SEGDIST_TEST_FAULT`` in the driver's environment (the driver forwards it to its actors):
 
-- ``exit@12:/tmp/marker``  the worker process ends itself (``os._exit``) when it starts chunk 12,
-  once: the first time it creates ``/tmp/marker``, so the retry of chunk 12 succeeds.
+- ``exit@12:/tmp/marker``  the worker process ends itself (``os._exit``) in the middle of chunk 12
+  (after the model ran, before the files are written), once: the attempt that creates
+  ``/tmp/marker`` dies, so the retry of chunk 12 succeeds.
 - ``exit@12``              every attempt at chunk 12 kills its worker (a chunk that keeps failing).
 - ``hang@12``              the worker stalls forever at chunk 12 (to interrupt a driver mid-run).
 
@@ -39,7 +40,7 @@ def parse(value: str | None) -> Fault | None:
 
 
 def maybe_inject(chunk_index: int) -> None:
-    """Called by a worker when it starts a chunk; acts only if the variable names this chunk."""
+    """Called by a worker mid-chunk; acts only if the variable names this chunk."""
     fault = parse(os.environ.get(ENV_VAR))
     if fault is None or fault.chunk != chunk_index:
         return

@@ -145,7 +145,6 @@ class ChunkWorker:
         """
         if self.generator is None:
             raise RuntimeError(f"the model failed to load on {self._name}: {self._error}")
-        faults.maybe_inject(index)
         s = self.settings
         t_start = time.perf_counter()
         waited = model_s = 0.0
@@ -172,6 +171,7 @@ class ChunkWorker:
             proposals.extend(self._run_model(batch_imgs, batch_ids))
             model_s += time.perf_counter() - t0
         del batch_imgs
+        faults.maybe_inject(index)  # tests only: die or stall here, mid-chunk (the model has run)
         t0 = time.perf_counter()
         files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip, s.out_storage_options)
         record = ChunkRecord(

@@ -1,0 +1,240 @@
+"""The proposal job on a real local Ray cluster, writing to a real S3-compatible server (moto).
+
+Every test runs the real generator (a tiny random-weight DeepMask: resnet18 trunk, two scales) on
+a small synthetic dataset, and checks the output against a single-process run of the same
+generator on the same images, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pytest
+
+from segdist.config import JobConfig, validate
+from segdist.errors import SegdistError
+from segdist.job import state
+from segdist.job.driver import run_job
+from segdist.proposals import layout
+from segdist.proposals.store import open_proposals
+
+ROOT = Path(__file__).resolve().parents[1]
+CHUNK = 4
+TINY_MODEL = {"name": "deepmask", "trunk": "resnet18", "proposals": 12,
+              "scales": {"min": -1.0, "max": 0.0, "step": 1.0}, "batch_size": 2, "device": "cpu"}
+
+
+def make_data(uri: str, n: int, storage_options: dict | None = None, seed: int = 5) -> dict[str, str]:
+    """A synthetic COCO dataset of ``n`` small images; returns the dataset config section."""
+    from segdist.data.synthetic import make_synthetic
+
+    make_synthetic(uri, n, seed=seed, min_side=48, max_side=96, max_objects=3,
+                   storage_options=storage_options)
+    return {"format": "coco", "annotations": f"{uri}/annotations/instances_all.json",
+            "images": f"{uri}/images", "storage_options": dict(storage_options or {})}
+
+
+def job_config(dataset: dict, out: str, out_options: dict | None = None, **resources: Any) -> JobConfig:
+    return validate(JobConfig, {
+        "dataset": dataset, "model": TINY_MODEL,
+        "output": {"uri": out, "chunk_size": CHUNK, "formats": ["coco-json", "parquet"],
+                   "storage_options": dict(out_options or {})},
+        "resources": {"num_workers": 2, "cpus_per_worker": 1, "decode_threads": 2,
+                      "max_chunk_attempts": 3, "max_actor_restarts": 3, **resources},
+    })
+
+
+def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
+    """A single-process run: the same generator, batching and chunking, no Ray; {relpath: bytes}."""
+    import torch
+
+    from segdist.data import load_dataset
+    from segdist.errors import ImageDecodeError
+    from segdist.imageio import read_image
+    from segdist.job.plan import plan_chunks
+    from segdist.models.generator import build_generator
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a 1-CPU Ray worker: same kernels, same float results
+    try:
+        gen = build_generator(cfg.model)
+        ds = load_dataset(cfg.dataset)
+        for chunk in plan_chunks(ds.images, cfg.output.chunk_size):
+            images, ids = [], []
+            for rec in chunk.records:
+                try:
+                    images.append(read_image(rec.uri, ds.storage_options))
+                    ids.append(rec.image_id)
+                except ImageDecodeError:
+                    pass
+            props = []
+            for s in range(0, len(images), cfg.model.batch_size):
+                props += gen(images[s:s + cfg.model.batch_size], ids[s:s + cfg.model.batch_size])
+            layout.write_chunk(out, chunk.index, props, cfg.output.formats, cfg.output.gzip)
+    finally:
+        torch.set_num_threads(threads)
+    return read_tree(out)
+
+
+def read_tree(uri: str, storage_options: dict | None = None, dirs=("parquet", "coco-json")
+              ) -> dict[str, bytes]:
+    """{path relative to uri: bytes} of every file under the given sub-folders."""
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache()
+    out = {}
+    for d in dirs:
+        base = f"{root.rstrip('/')}/{d}"
+        if fs.exists(base):
+            for p in fs.find(base):
+                out[p[len(root.rstrip('/')) + 1:]] = fs.cat_file(p)
+    return out
+
+
+def mtimes(out: str) -> dict[str, int]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in Path(out).rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_server, ray_cluster):
+    """The session's Ray, started (if this module is first) after the S3 server's env is set."""
+    return ray_cluster
+
+
+def test_job_to_s3_exactly_once_and_equal_to_single_process(ray_s3, s3_bucket, tmp_path):
+    bucket, opts = s3_bucket
+    # Explicit credentials (the Ray workers must not depend on inherited env) that must be redacted.
+    out_opts = {**opts, "key": "testing", "secret": "testing"}
+    data = make_data(f"s3://{bucket}/data", 14, out_opts)
+    out = f"s3://{bucket}/proposals/run1"
+    cfg = job_config(data, out, out_opts)
+
+    result = run_job(cfg, progress=False)
+
+    assert result.complete and result.chunks_total == 4 and result.chunks_written == 4
+    assert result.chunks_skipped == 0 and not result.chunks_failed
+    fs = fsspec.filesystem("s3", **out_opts)
+    fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/proposals/run1"))
+    expected = sorted(
+        [f"chunk-{i:06d}.{k}.json" for i in range(4) for k in ("segm", "bbox")]
+        + [f"chunk-{i:06d}.parquet" for i in range(4)]
+        + [f"chunk-{i:06d}.json" for i in range(4)] + ["run.json", "manifest.json"])
+    assert names == expected  # deterministic names, no temporary or duplicate files
+
+    # Every image exactly once, each chunk holding images [i*4, (i+1)*4) of the sorted ids.
+    gt = json.loads(fs.cat_file(f"{bucket}/data/annotations/instances_all.json"))
+    ids = sorted(im["id"] for im in gt["images"])
+    store = open_proposals(out, out_opts)
+    seen = [p.image_id for chunk in store.iter_chunks() for p in chunk]
+    assert seen == ids
+    assert [[p.image_id for p in c] for c in store.iter_chunks()] == [ids[i:i + CHUNK] for i in range(0, 14, CHUNK)]
+
+    # The manifest's counts match the files.
+    manifest = json.loads(fs.cat_file(f"{bucket}/proposals/run1/manifest.json"))
+    assert manifest["complete"] is True
+    assert manifest["totals"] == {"chunks": 4, "chunks_committed": 4, "chunks_failed": 0,
+                                  "images": 14, "images_failed": 0,
+                                  "proposals": sum(len(store.get(i)) for i in ids)}
+    for entry, chunk in zip(manifest["chunks"], store.iter_chunks()):
+        assert entry["images"] == len(chunk)
+        assert entry["proposals"] == sum(len(p) for p in chunk) > 0
+        uris = layout.chunk_uris(out, entry["index"], cfg.output.formats)
+        assert entry["files"] == {k: u[len(out) + 1:] for k, u in uris.items()}
+    assert manifest["model"]["name"] == "deepmask" and manifest["model"]["weights_sha256"] is None
+    assert manifest["packages"]["ray"] and manifest["packages"]["torch"]
+    assert manifest["config"]["output"]["storage_options"]["secret"] == "***"
+    assert manifest["timings"]["images_processed_now"] == 14
+
+    # Byte-identical to one process running the same generator on the same images.
+    ref = reference_files(cfg, str(tmp_path / "ref"))
+    assert read_tree(out, out_opts) == ref
+
+
+def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp_path):
+    data = make_data(str(tmp_path / "data"), 10)
+    out = str(tmp_path / "out")
+    cfg = job_config(data, out, num_workers=1)
+    first = run_job(cfg, progress=False)
+    assert first.complete and first.chunks_written == 3
+    before = mtimes(out)
+
+    again = run_job(cfg, progress=False)
+    assert again.complete and again.chunks_written == 0 and again.chunks_skipped == 3
+    after = mtimes(out)
+    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
+        {k: v for k, v in before.items() if k != "manifest.json"}
+
+    # A run with other settings into the same output is refused, naming what differs.
+    other = job_config(data, out, num_workers=1)
+    other = other.model_copy(update={"model": other.model.model_copy(update={"proposals": 5})})
+    with pytest.raises(SegdistError) as err:
+        run_job(other, progress=False)
+    assert "different config" in str(err.value) and "model.proposals: 12 -> 5" in str(err.value)
+    assert "--overwrite" in str(err.value)
+    assert mtimes(out) == after
+
+    # --overwrite replaces it.
+    replaced = run_job(other, overwrite=True, progress=False)
+    assert replaced.complete and replaced.chunks_written == 3
+    store = open_proposals(out)
+    assert max(len(store.get(i)) for i in store.image_ids()) == 5
+
+
+def test_bad_image_is_recorded_and_its_chunk_commits(ray_s3, tmp_path):
+    data = make_data(str(tmp_path / "data"), 8)
+    gt = json.loads(Path(data["annotations"]).read_text())
+    victim = sorted(gt["images"], key=lambda im: im["id"])[5]
+    path = Path(data["images"]) / victim["file_name"]
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    out = str(tmp_path / "out")
+    cfg = job_config(data, out)
+
+    result = run_job(cfg, progress=False)
+
+    assert result.complete and result.images_failed == 1 and result.images_written == 7
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (bad,) = manifest["failed_images"]
+    assert bad["image_id"] == victim["id"] and bad["file_name"] == victim["file_name"]
+    assert bad["chunk"] == 1 and bad["reason"] and bad["uri"].endswith(victim["file_name"])
+    assert manifest["chunks"][1]["images"] == 3 and manifest["chunks"][1]["failed_images"] == 1
+    store = open_proposals(out)
+    assert victim["id"] not in store and len(store.image_ids()) == 7
+    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
+
+
+def _generate_cli(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    # --address of a port where nothing listens: if the job tried to reach Ray before its checks,
+    # the error would be a connection error, not the check's message.
+    return subprocess.run(
+        [sys.executable, "-m", "segdist", "generate", str(config), "--address", "127.0.0.1:9",
+         "--no-progress", *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_unwritable_output_or_unreadable_dataset_fails_before_any_worker(s3_server, tmp_path):
+    data = make_data(str(tmp_path / "data"), 2)
+    cases = {
+        "no-such-bucket": ({**data}, "s3://segdist-no-such-bucket/out",
+                           "output location s3://segdist-no-such-bucket/out is not writable"),
+        "no-annotations": ({**data, "annotations": str(tmp_path / "nope.json")}, str(tmp_path / "o1"),
+                           "nope.json"),
+        "wrong-image-folder": ({**data, "images": str(tmp_path / "elsewhere")}, str(tmp_path / "o2"),
+                               "does not exist; check dataset.images"),
+    }
+    for name, (dataset, out, message) in cases.items():
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(json.dumps({
+            "dataset": dataset, "model": TINY_MODEL,
+            "output": {"uri": out, "storage_options": {"client_kwargs": {"endpoint_url": s3_server}}}}))
+        proc = _generate_cli(config)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("segdist generate: error:") and message in last, (name, last)
+        assert "Traceback" not in proc.stderr
+        if "://" not in out:
+            assert not Path(out, state.STATE_DIR).exists()  # nothing written
