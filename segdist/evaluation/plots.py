@@ -30,7 +30,8 @@ def _figure(n_panels: int):
     return fig, axes[0]
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
+    """PNG bytes of a figure (laid out tight, at its own dpi); the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -50,6 +51,16 @@ def ar_vs_proposals_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
     Args:
         runs: run entries of eval.json (``{"name", "segm": {"curves": ...}, "bbox": ...}``).
     """
+    return figure_png(ar_vs_proposals_figure(runs))
+
+
+def recall_vs_iou_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
+    """PNG of recall against IoU threshold at the largest proposal count (solid) and 100 (dashed)."""
+    return figure_png(recall_vs_iou_figure(runs))
+
+
+def ar_vs_proposals_figure(runs: Sequence[Mapping[str, Any]]):
+    """The matplotlib Figure behind :func:`ar_vs_proposals_png` (panels in segm, bbox order)."""
     types = _iou_types(runs)
     fig, axes = _figure(max(1, len(types)))
     for ax, t in zip(axes, types):
@@ -67,11 +78,11 @@ def ar_vs_proposals_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_ylim(0, 1)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return fig
 
 
-def recall_vs_iou_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
-    """PNG of recall against IoU threshold at the largest proposal count (solid) and 100 (dashed)."""
+def recall_vs_iou_figure(runs: Sequence[Mapping[str, Any]]):
+    """The matplotlib Figure behind :func:`recall_vs_iou_png`."""
     types = _iou_types(runs)
     fig, axes = _figure(max(1, len(types)))
     for ax, t in zip(axes, types):
@@ -95,4 +106,4 @@ def recall_vs_iou_png(runs: Sequence[Mapping[str, Any]]) -> bytes:
         ax.set_ylim(0, 1)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
-    return _png(fig)
+    return fig

@@ -263,13 +263,23 @@ def evaluate_proposals(proposals_uri: str, coco_gt: Mapping[str, Any], *,
     if outside:
         log.info("%s: %d images with proposals are outside the evaluated selection (ignored)",
                  proposals_uri, outside)
-    models = [r["model"] for r in results if r["model"] not in (None, "unknown")]
+    manifest = _read_manifest(proposals_uri, storage_options)
     return EvalRun(proposals_uri=proposals_uri, kind=store.kind,
-                   model=models[0] if models else getattr(store, "model", None) or "unknown",
+                   model=_model_name(manifest, results, store),
                    counts=counts, images={t: len(ids[t]) for t in iou_types},
                    shards=len(results), images_outside=outside,
-                   seconds=time.perf_counter() - t0,
-                   manifest=_read_manifest(proposals_uri, storage_options))
+                   seconds=time.perf_counter() - t0, manifest=manifest)
+
+
+def _model_name(manifest: Mapping[str, Any] | None, results: list[dict[str, Any]], store) -> str:
+    """The run's manifest says what ran; else the name stored with the proposals."""
+    model = (manifest or {}).get("model")
+    if isinstance(model, Mapping) and isinstance(model.get("name"), str):
+        return model["name"]
+    if isinstance(model, str):
+        return model
+    names = [r["model"] for r in results if r["model"] not in (None, "unknown")]
+    return names[0] if names else getattr(store, "model", None) or "unknown"
 
 
 def _gather(ray, pending: list, progress: bool, label: str, tqdm) -> list[dict[str, Any]]:

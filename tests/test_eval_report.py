@@ -1,0 +1,171 @@
+"""The evaluation report (eval.json, table.md, plots) and ``segdist evaluate`` end to end on S3."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_evaluation import hard_case
+
+from segdist import storage
+from segdist.cli import main
+from segdist.evaluation.groundtruth import eval_image_ids, prepare_ground_truth
+from segdist.evaluation.metrics import summarize
+from segdist.evaluation.plots import RUN_COLORS, ar_vs_proposals_figure, figure_png
+from segdist.evaluation.recall import count_images
+from segdist.evaluation.report import (build_report, default_out, markdown_table, run_names,
+                                       write_report)
+from segdist.evaluation.sharded import EvalRun
+from segdist.proposals.layout import write_chunk
+
+
+def _runs():
+    """Two runs on the same GT: all proposals, and only the top 5 per image (lower AR)."""
+    gt_dict, props = hard_case(8, n_images=16)
+    few = {i: p.top(5) for i, p in props.items()}
+    runs = []
+    for name, ps in (("full", props), ("top5", few)):
+        counts = {}
+        for t in ("segm", "bbox"):
+            ids = eval_image_ids(gt_dict, t)
+            counts[t] = count_images(prepare_ground_truth(gt_dict, ids, segments=t == "segm"),
+                                     ps, ids, t)
+        runs.append(EvalRun(f"/data/{name}", "parquet", "sharpmask", counts,
+                            {"segm": 16, "bbox": 16}, shards=2))
+    runs[0].manifest = {"model": {"name": "sharpmask", "weights_sha256": "ab" * 32},
+                        "config": {"model": {"name": "sharpmask"}}, "complete": True,
+                        "chunks": ["not copied"]}
+    return runs
+
+
+def _colour_pixels(rgb: np.ndarray, colour: str, box) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of pixels within 8 levels of ``colour`` inside ``box`` (x0, y0, x1, y1)."""
+    target = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
+    x0, y0, x1, y1 = box
+    near = (np.abs(rgb[y0:y1, x0:x1].astype(int) - target) <= 8).all(axis=2)
+    rows, cols = np.nonzero(near)
+    return rows + y0, cols + x0
+
+
+def test_plot_draws_each_runs_curve_rising_in_the_plot_area():
+    report = build_report(_runs(), {"name": "hard"})
+    fig = ar_vs_proposals_figure(report["runs"])
+    fig.tight_layout()
+    fig.canvas.draw()
+    height = int(fig.bbox.height)
+    ax = fig.axes[0]  # segments panel
+    ex, lg = ax.get_window_extent(), ax.get_legend().get_window_extent()
+    png = figure_png(fig)
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert rgb.shape[0] == height
+    # The plot area below the legend (display y grows upwards, image rows downwards).
+    box = (int(ex.x0) + 2, int(height - lg.y0) + 2, int(ex.x1) - 2, int(height - ex.y0) - 2)
+    width = box[2] - box[0]
+    pixels = [_colour_pixels(rgb, RUN_COLORS[i], box) for i in range(2)]
+    for i, (rows, _) in enumerate(pixels):
+        assert len(rows) > 100, f"run {i}: curve colour not in the plot area"
+    # The two curves coincide up to 5 proposals (run 1 is run 0's top 5), where run 1 is on top.
+    rows = np.concatenate([p[0] for p in pixels])
+    cols = np.concatenate([p[1] for p in pixels])
+    assert cols.max() - cols.min() > 0.8 * width  # drawn across the whole x range
+    left = rows[cols < box[0] + width // 10].mean()
+    right = [r[c > box[2] - width // 10].mean() for r, c in pixels]
+    assert left > right[0] + 20  # AR rises with the number of proposals
+    assert right[0] < right[1]  # the better run ends higher in the picture
+    top5 = report["runs"][1]["segm"]["metrics"]["AR@1000"]
+    full = report["runs"][0]["segm"]["metrics"]["AR@1000"]
+    assert full > top5
+
+
+def test_report_files_json_and_table(tmp_path):
+    runs = _runs()
+    report = build_report(runs, {"name": "hard", "images": 16})
+    written = write_report(report, str(tmp_path / "rep"))
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(
+        ["eval.json", "table.md", "ar_vs_proposals.png", "recall_vs_iou.png"])
+    doc = json.loads((tmp_path / "rep" / "eval.json").read_text())
+    assert written["eval.json"] == str(tmp_path / "rep" / "eval.json")
+    assert [r["name"] for r in doc["runs"]] == ["full", "top5"]
+    full = doc["runs"][0]
+    assert full["manifest"]["model"]["weights_sha256"] == "ab" * 32
+    assert "chunks" not in full["manifest"] and doc["runs"][1]["manifest"] is None
+    expect = summarize(runs[0].counts["segm"])
+    assert full["segm"]["metrics"] == expect["metrics"]
+    assert full["segm"]["metrics"]["AR@1000"] == pytest.approx(
+        full["segm"]["curves"]["ar_vs_proposals"]["all"][999])
+    assert len(full["bbox"]["curves"]["ar_vs_proposals"]["all"]) == 1000
+    iou = full["segm"]["curves"]["recall_vs_iou"]
+    assert iou["iou"][0] == 0.5 and iou["iou"][-1] == 1.0 and len(iou["@1000"]) == 21
+    assert iou["@1000"][0] == full["segm"]["metrics"]["R@0.5@1000"]
+    for png in ("ar_vs_proposals.png", "recall_vs_iou.png"):
+        assert Image.open(tmp_path / "rep" / png).size[0] > 500
+    table = (tmp_path / "rep" / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| full |")]
+    assert len(rows) == 3  # the main table's row, then segm and bbox details
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert len(cells) == 11 and cells[1] == "sharpmask"
+    ar = full["segm"]["metrics"]["AR@100"]
+    assert cells[6] == f"{ar:.3f}".lstrip("0")  # papers' style: .331
+    assert markdown_table(report) == table
+
+
+def test_names_and_default_locations():
+    assert default_out("s3://b/run1") == "s3://b/run1/eval"
+    assert default_out("s3://b/run1/") == "s3://b/run1/eval"
+    assert default_out("/x/results.segm.json") == "/x/results.segm.json.eval"
+    a = EvalRun("s3://b/run", "parquet", "deepmask", {}, {}, 1)
+    b = EvalRun("/local/run", "parquet", "sharpmask", {}, {}, 1)
+    assert run_names([a, b]) == ["deepmask (s3://b/run)", "sharpmask (/local/run)"]
+
+
+def test_cli_compares_two_runs_on_s3(ray_cluster, s3_bucket, tmp_path, capsys):
+    bucket, options = s3_bucket
+    options = {**options, "key": "testing", "secret": "testing"}  # Ray workers read S3 too
+    gt_dict, props = hard_case(9, n_images=14)
+    storage.atomic_write(f"s3://{bucket}/gt/instances.json", json.dumps(gt_dict).encode(), options)
+    ids = sorted(props)
+    for run, ps in (("runA", props), ("runB", {i: p.top(3) for i, p in props.items()})):
+        for k in range(0, len(ids), 5):
+            write_chunk(f"s3://{bucket}/{run}", k // 5, [ps[i] for i in ids[k:k + 5]],
+                        ["parquet", "coco-json"], storage_options=options)
+    manifest = {"model": {"name": "sharpmask-zoom", "weights_sha256": "cd" * 32}, "complete": True}
+    storage.atomic_write(f"s3://{bucket}/runA/manifest.json", json.dumps(manifest).encode(),
+                         options)
+    rc = main(["evaluate", "--proposals", f"s3://{bucket}/runA", f"s3://{bucket}/runB",
+               "--dataset", f"s3://{bucket}/gt/instances.json", "--names", "A", "B",
+               "--storage-options", json.dumps(options), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| A | sharpmask-zoom |" in printed and "| B |" in printed
+    doc = json.loads(storage.read_bytes(f"s3://{bucket}/runA/eval/eval.json", options))
+    assert doc["dataset"]["images"] == 14 and doc["dataset"]["format"] == "coco"
+    a, b = doc["runs"]
+    assert a["manifest"]["model"]["weights_sha256"] == "cd" * 32 and a["shards"] == 3
+    for t in ("segm", "bbox"):
+        ids_t = eval_image_ids(gt_dict, t)
+        gt = prepare_ground_truth(gt_dict, ids_t, segments=t == "segm")
+        expect = summarize(count_images(gt, props, ids_t, t))["metrics"]
+        assert a[t]["metrics"] == expect
+        assert b[t]["metrics"]["AR@1000"] < a[t]["metrics"]["AR@1000"]
+    for name in ("table.md", "ar_vs_proposals.png", "recall_vs_iou.png"):
+        assert storage.exists(f"s3://{bucket}/runA/eval/{name}", options)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    gt_dict, props = hard_case(1, n_images=4)
+    (tmp_path / "gt.json").write_text(json.dumps(gt_dict))
+    p = next(iter(props.values()))
+    write_chunk(str(tmp_path / "run"), 0, [p], ["parquet"])
+    rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset",
+               str(tmp_path / "gt.json"), "--names", "a", "b"])
+    assert rc == 2 and "give one per location" in capsys.readouterr().err
+    rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset",
+               str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "missing.json" in err and "Traceback" not in err
+    rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset",
+               str(tmp_path / "gt.json"), "--storage-options", "{not json"])
+    assert rc == 2 and "--storage-options" in capsys.readouterr().err
