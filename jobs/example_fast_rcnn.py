@@ -3,7 +3,7 @@
     segdist sample-data --out /tmp/sample --images 32
     segdist generate configs/<your run>.yaml          # proposals under OUT
     python jobs/example_fast_rcnn.py --proposals OUT \\
-        --annotations /tmp/sample/annotations/instances.json --images /tmp/sample/images
+        --annotations /tmp/sample/annotations/instances_all.json --images /tmp/sample/images
 
 Prints the loss of every iteration and, at the end, the first and last five averaged. The working
 directory is put on sys.path so that ``segdist`` imports without installation (as in a Ray Job).

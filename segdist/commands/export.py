@@ -58,15 +58,9 @@ def _dataset(args):
             raise ConfigError("--annotations and --images go together (or use --dataset CONFIG)")
         cfg = validate(DatasetConfig, {"format": "coco", "annotations": args.annotations,
                                        "images": args.images}, "--annotations/--images")
-    import segdist.data as data
+    from segdist.data import load_dataset
 
-    if hasattr(data, "load_dataset"):
-        return data.load_dataset(cfg)
-    if cfg.format != "coco":
-        raise ConfigError("this build reads only COCO datasets for export")
-    from segdist.data.coco import load_coco
-
-    return load_coco(cfg.annotations, cfg.images, cfg.storage_options, cfg.limit, cfg.image_ids)
+    return load_dataset(cfg)
 
 
 def run(args: argparse.Namespace) -> int:
