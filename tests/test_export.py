@@ -249,3 +249,24 @@ def test_cli_export_on_s3(run, s3_bucket, tmp_path, capsys):
     assert main(["export", "original", "--proposals", str(tmp_path / "none"), "--out",
                  str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_original_with_dataset_config(run, tmp_path, capsys):
+    out, props = run
+    ann = tmp_path / "instances_val2017.json"
+    ids = [1] + [p.image_id for p in props]
+    ann.write_text(json.dumps(dataset_for(ids).coco_gt))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"dataset:\n  annotations: {ann}\n  images: /data/coco/val2017\n"
+                   "output:\n  uri: /unused\n")
+    dest = str(tmp_path / "orig")
+    assert main(["export", "original", "--proposals", out, "--out", dest, "--dataset", str(cfg),
+                 "--set", "limit=4", "--per-file", "2", "--gzip"]) == 0
+    # limit=4 keeps dataset ids 1, 3, 5, 8; proposals of 12.. are still exported after them.
+    assert sorted(os.listdir(os.path.join(dest, "segm"))) == [
+        "props-1-2.json.gz", "props-3-4.json.gz", "props-5-6.json.gz", "props-7-8.json.gz"]
+    back = open_proposals(dest, model="sharpmask")
+    assert all(p.equals(back.get(p.image_id)) for p in props if len(p))
+    assert main(["export", "original", "--proposals", out, "--out", dest, "--dataset",
+                 str(cfg), "--set", "limit=0"]) == 2
+    assert "limit" in capsys.readouterr().err

@@ -160,8 +160,12 @@ def test_round_trip_both_formats(tmp_path, gz):
     with pytest.raises(MissingImageError, match="image 4 is not in"):
         store.get(4)
 
-    # COCO-JSON keeps everything but the zero-proposal image, the model name and the labels.
-    coco = open_proposals(os.path.join(out, "coco-json"), model="sharpmask-zoom")
+    # COCO-JSON keeps everything but the zero-proposal image, the model name and the labels;
+    # the model name comes from the job's manifest.
+    assert open_proposals(os.path.join(out, "coco-json")).get(7).model == "unknown"
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump({"model": {"name": "sharpmask-zoom", "weights": None}}, f)
+    coco = open_proposals(os.path.join(out, "coco-json"))
     assert coco.kind == "coco-json"
     kept = [ImageProposals(p.image_id, p.height, p.width, p.scores, p.boxes, p.counts, p.model)
             for p in everything if len(p)]

@@ -420,7 +420,10 @@ def open_proposals(uri: str, storage_options: Mapping[str, Any] | None = None, *
         if files:
             return ParquetStore(uri, files, storage_options)
 
-    manifest_model = model or _model_from_manifest(fs, path) or "unknown"
+    # The job's manifest (OUT/manifest.json, "model": {"name": ...}) names the model; the folder
+    # given may be OUT or OUT/coco-json.
+    manifest_model = (model or _model_from_manifest(fs, path)
+                      or _model_from_manifest(fs, path.rsplit("/", 1)[0]) or "unknown")
     for folder in (path + "/coco-json", path):
         chunks = _coco_chunks(fs, folder)
         if chunks:
