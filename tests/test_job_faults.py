@@ -1,0 +1,126 @@
+"""Faults during the proposal job: a worker that dies mid-chunk, a chunk that keeps failing, and a
+driver killed mid-run and started again. After each, every image is in the output exactly once and
+the files equal an uninterrupted single-process run's."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from segdist.cli import main as cli_main
+from segdist.job import faults, state
+from segdist.job.driver import run_job
+from segdist.proposals.store import open_proposals
+from test_job import ROOT, job_config, make_data, mtimes, read_tree, reference_files
+
+
+def _ids(data: dict) -> list[int]:
+    return sorted(im["id"] for im in json.loads(Path(data["annotations"]).read_text())["images"])
+
+
+def _every_image_once(out: str, ids: list[int]) -> None:
+    store = open_proposals(out)
+    assert [p.image_id for chunk in store.iter_chunks() for p in chunk] == ids
+
+
+def test_worker_killed_mid_chunk_is_replaced_and_its_chunk_retried(ray_cluster, tmp_path, monkeypatch):
+    data = make_data(str(tmp_path / "data"), 12)
+    out = str(tmp_path / "out")
+    marker = tmp_path / "killed-once"
+    # The worker that reaches the middle of chunk 1 first ends its process (os._exit), once.
+    monkeypatch.setenv(faults.ENV_VAR, f"exit@1:{marker}")
+    cfg = job_config(data, out)
+
+    result = run_job(cfg, progress=False)
+
+    assert marker.exists()  # the fault did fire
+    assert result.complete and result.chunks_written == 3 and not result.chunks_failed
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["timings"]["workers_replaced"] >= 1 and manifest["timings"]["failed_attempts"] >= 1
+    record = json.loads(Path(state.chunk_record_uri(out, 1)).read_text())
+    assert record["attempt"] >= 2
+    _every_image_once(out, _ids(data))
+    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
+
+
+def test_chunk_that_keeps_failing_is_reported_and_the_rest_completes(ray_cluster, tmp_path, monkeypatch,
+                                                                      capsys):
+    data = make_data(str(tmp_path / "data"), 16)
+    out = str(tmp_path / "out")
+    cfg = job_config(data, out, num_workers=1, max_chunk_attempts=2, max_actor_restarts=5)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    monkeypatch.setenv(faults.ENV_VAR, "exit@2")  # every attempt at chunk 2 kills its worker
+
+    rc = cli_main(["generate", str(config), "--no-progress"])
+
+    assert rc == 1  # incomplete
+    printed = capsys.readouterr().out
+    assert "INCOMPLETE: 3/4 chunks committed" in printed and "failed chunk 2 after 2 attempts" in printed
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["complete"] is False
+    assert [c["index"] for c in manifest["chunks"]] == [0, 1, 3]
+    (failed,) = manifest["failed_chunks"]
+    assert failed["index"] == 2 and failed["attempts"] == 2 and len(failed["errors"]) == 2
+    assert "ActorDiedError" in failed["errors"][0]
+    assert not Path(state.chunk_record_uri(out, 2)).exists()
+    ids = _ids(data)
+    assert open_proposals(out).image_ids() == ids[:8] + ids[12:]
+
+    # Once the cause is gone, a re-run does just the failed chunk.
+    monkeypatch.delenv(faults.ENV_VAR)
+    before = mtimes(out)
+    rc = cli_main(["generate", str(config), "--no-progress"])
+    assert rc == 0
+    after = mtimes(out)
+    assert all(after[k] == v for k, v in before.items() if "chunk-000002" not in k and k != "manifest.json")
+    assert json.loads(Path(out, "manifest.json").read_text())["complete"] is True
+    _every_image_once(out, ids)
+
+
+def test_driver_killed_mid_run_then_rerun_skips_committed_chunks(ray_cluster, tmp_path):
+    data = make_data(str(tmp_path / "data"), 16)
+    out = str(tmp_path / "out")
+    cfg = job_config(data, out, num_workers=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    # A separate driver process joins the session's cluster; its worker stalls in chunk 2, so the
+    # driver is certainly mid-run when it is killed.
+    env = {**os.environ, faults.ENV_VAR: "hang@2", "PYTHONPATH": str(ROOT)}
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "segdist", "generate", str(config), "--address", address, "--no-progress"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        records = [Path(state.chunk_record_uri(out, i)) for i in (0, 1, 3)]
+        while not all(r.exists() for r in records):
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first driver committed no chunks"
+            time.sleep(0.3)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        driver.stdout.close()
+    assert not Path(out, "manifest.json").exists()
+    assert not Path(state.chunk_record_uri(out, 2)).exists()
+    # As if a worker had died between two files of chunk 3: a file is missing, the chunk redone.
+    Path(out, "parquet", "chunk-000003.parquet").unlink()
+    before = mtimes(out)
+
+    result = run_job(cfg, progress=False)
+
+    assert result.complete and result.chunks_skipped == 2 and result.written_chunks == [2, 3]
+    after = mtimes(out)
+    for name, t in before.items():
+        if "chunk-000000" in name or "chunk-000001" in name:
+            assert after[name] == t, name  # committed chunks were not rewritten
+    _every_image_once(out, _ids(data))
+    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
