@@ -46,11 +46,13 @@ def greedy_match(ious: np.ndarray, ignore: np.ndarray, crowd: np.ndarray,
     floor = float(eff.min())
     best = ious_o.max(axis=1)
     dets = np.flatnonzero(best >= floor)
-    # Per candidate detection: (walk position, iou) of the GTs it could ever match, in walk order.
-    pairs = []
-    for row in ious_o[dets]:
-        cols = np.flatnonzero(row >= floor)
-        pairs.append(list(zip(cols.tolist(), row[cols].tolist())))
+    # Per candidate detection: (walk position, iou) of the GTs it could ever match, in walk order
+    # (one nonzero over the whole block; its row-major order groups the pairs by detection).
+    sub = ious_o[dets]
+    rows, cols = np.nonzero(sub >= floor)
+    bounds = np.searchsorted(rows, np.arange(len(dets) + 1)).tolist()
+    cols_l, vals_l = cols.tolist(), sub[rows, cols].tolist()
+    pairs = [list(zip(cols_l[a:b], vals_l[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
     ign = ignore[order].tolist()
     cro = np.asarray(crowd, dtype=bool)[order].tolist()
     order_l = order.tolist()
