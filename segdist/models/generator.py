@@ -138,8 +138,11 @@ def _build_maskrcnn(cfg: ModelConfig, device: torch.device, precision: str) -> P
     from segdist.models.maskrcnn import MaskRCNNProposer, build_maskrcnn
 
     version, mode = MASKRCNN[cfg.name]
+    size = {}
+    if cfg.max_image_side:  # torchvision resizes to short side 800, long side <= 1333: cap both
+        size = dict(min_size=min(800, cfg.max_image_side), max_size=min(1333, cfg.max_image_side))
     model, sha = build_maskrcnn(version, cfg.weights, proposals=cfg.proposals,
-                                storage_options=cfg.storage_options, seed=RANDOM_SEED)
+                                storage_options=cfg.storage_options, seed=RANDOM_SEED, **size)
     model = model.to(device)
     proposer = MaskRCNNProposer(model, mode, cfg.proposals, cfg.memory_budget_mb)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -1,0 +1,140 @@
+"""Mask R-CNN proposals (torchvision): paste geometry, masks and rpn modes, weights paths."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from segdist.config import ModelConfig
+from segdist.errors import ConfigError, StorageError
+from segdist.models.generator import build_generator
+from segdist.models.maskrcnn import MaskRCNNProposer, build_maskrcnn, paste_detector_masks
+from segdist.models.weights import hub_cache_file
+
+SMALL = dict(min_size=128, max_size=160, rpn_post_nms_top_n_test=200)  # cheap on CPU
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """One intra-op thread: the CI machine's cores are shared (see test_inference.py)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def saved_v1(tmp_path_factory):
+    """A v1 state dict saved by the test (random weights, seed 123) and its sha256."""
+    model, _ = build_maskrcnn("v1", None, seed=123)
+    path = tmp_path_factory.mktemp("w") / "maskrcnn_v1.pth"
+    torch.save(model.state_dict(), path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest(), model.state_dict()
+
+
+def test_paste_equals_torchvision_paste_masks_in_image():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(60, 1, 28, 28, generator=g)
+    boxes = torch.rand(60, 4, generator=g) * 110
+    boxes[:, 2:] += boxes[:, :2] + 1
+    boxes[:3] = torch.tensor([[-30.0, -20.0, 40.0, 50.0], [100.0, 90.0, 200.0, 180.0],
+                              [5.2, 7.9, 6.1, 8.3]])  # outside the image, beyond it, sub-pixel
+    ref = paste_masks_in_image(probs, boxes, (120, 150))[:, 0] > 0.5
+    ours = paste_detector_masks(probs[:, 0], boxes, 120, 150, 0.5)
+    assert ref.any()
+    assert torch.equal(ours, ref)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_masks_mode_random_weights(version):
+    model, sha = build_maskrcnn(version, None, proposals=12, **SMALL)
+    assert sha is None
+    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 90, 120), dtype=np.uint8))
+    (p,) = MaskRCNNProposer(model, "masks", proposals=12, memory_budget_mb=16)([img])
+    assert len(p.scores) == 12 and np.all(np.diff(p.scores) <= 0)
+    assert p.labels.dtype == np.int32 and np.all((p.labels >= 1) & (p.labels <= 90))
+    rles = [{"size": [90, 120], "counts": c} for c in p.counts]
+    assert mask_utils.decode(rles).shape == (90, 120, 12)
+    assert np.allclose(mask_utils.toBbox(rles), p.boxes)
+    # equal to torchvision's own forward + postprocess, masks binarised at 0.5
+    with torch.inference_mode():
+        ref = model([img.float() / 255])[0]
+    order = torch.sort(ref["scores"], descending=True, stable=True).indices
+    assert np.allclose(p.scores, ref["scores"][order].numpy(), atol=1e-6)
+    probs = ref["masks"][order][:, 0].numpy()
+    ours = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+    # random weights put the probabilities near 0.5 everywhere: pixels may only disagree where
+    # torchvision's float value is within rounding of the threshold
+    differ = ours != (probs > 0.5)
+    assert differ.mean() < 1e-3 and np.all(np.abs(probs[differ] - 0.5) < 1e-5)
+
+
+def test_rpn_mode_boxes_and_objectness():
+    model, _ = build_maskrcnn("v1", None, proposals=50, **SMALL)
+    img = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (3, 80, 100), dtype=np.uint8))
+    (p,) = MaskRCNNProposer(model, "rpn", proposals=50)([img])
+    assert p.counts is None and p.labels is None
+    assert len(p.scores) == 50 and np.all(np.diff(p.scores) <= 0)
+    assert np.all((p.scores >= 0) & (p.scores <= 1))
+    x, y, w, h = p.boxes.T
+    assert np.all(x >= 0) and np.all(y >= 0) and np.all(x + w <= 100 + 1e-3) and np.all(y + h <= 80 + 1e-3)
+    # the boxes are the RPN's own proposals, rescaled to the image
+    with torch.inference_mode():
+        il, _ = model.transform([img.float() / 255])
+        boxes, _ = model.rpn(il, model.backbone(il.tensors))
+    ref = boxes[0][:50] * torch.tensor([100 / il.image_sizes[0][1], 80 / il.image_sizes[0][0]] * 2)
+    assert np.allclose(p.boxes[:, :2], ref[:, :2].numpy(), atol=1e-3)
+
+
+def test_generator_modes():
+    img = np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    cfg = dict(proposals=30, device="cpu", max_image_side=128)  # the model runs at <= 128 px
+    (p,) = build_generator(ModelConfig(name="maskrcnn-rpn", **cfg))([img], [5])
+    assert p.model == "maskrcnn-rpn" and not p.has_masks and len(p) == 30 and p.labels is None
+    gen = build_generator(ModelConfig(name="maskrcnn", **cfg))
+    assert gen.model.transform.max_size == 128
+    (p,) = gen([img], [6])
+    assert p.has_masks and len(p) == 30 and len(p.labels) == 30 and (p.height, p.width) == (60, 80)
+
+
+def test_weights_from_local_file(saved_v1):
+    path, digest, state = saved_v1
+    model, sha = build_maskrcnn("v1", str(path), **SMALL)
+    assert sha == digest
+    assert torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+                       state["roi_heads.box_predictor.cls_score.weight"])
+    with pytest.raises(ConfigError, match="do not fit"):
+        build_maskrcnn("v2", str(path), **SMALL)
+
+
+def test_weights_enum_through_torchvision_cache(saved_v1, tmp_path, monkeypatch):
+    """'DEFAULT' resolves through torchvision's weights enum and torch.hub's cache: a file saved
+    under the enum's expected name in TORCH_HOME is found without network."""
+    import os
+
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    path, digest, state = saved_v1
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = hub_cache_file(MaskRCNN_ResNet50_FPN_Weights.DEFAULT.url)
+    os.makedirs(os.path.dirname(cached))
+    os.symlink(path, cached)
+    model, sha = build_maskrcnn("v1", "DEFAULT", **SMALL)
+    assert sha == digest
+    assert torch.equal(model.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
+
+
+def test_weights_enum_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # closed port: fails like no network
+    with pytest.raises(StorageError, match="pass it as a file"):
+        build_maskrcnn("v2", "DEFAULT", **SMALL)
+    with pytest.raises(ConfigError, match="unknown"):
+        build_maskrcnn("v1", "NOT_A_MEMBER", **SMALL)
