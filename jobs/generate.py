@@ -12,4 +12,4 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from segdist.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["generate", "--no-progress", *sys.argv[1:]]))
+    sys.exit(main(["generate", *sys.argv[1:]]))

@@ -115,8 +115,7 @@ def build_entrypoint(entry: str, config: str, overrides: Sequence[str], working_
                               "folder (the one with jobs/)")
         cmd = f"python jobs/{entry}.py {shlex.quote(arg)}"
     else:
-        extra = " --no-progress" if entry == "generate" else ""
-        cmd = f"python -m segdist {entry}{extra} {shlex.quote(arg)}"
+        cmd = f"python -m segdist {entry} {shlex.quote(arg)}"
     return f"{cmd} {sets}".strip()
 
 
