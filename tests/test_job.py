@@ -238,3 +238,21 @@ def test_unwritable_output_or_unreadable_dataset_fails_before_any_worker(s3_serv
         assert "Traceback" not in proc.stderr
         if "://" not in out:
             assert not Path(out, state.STATE_DIR).exists()  # nothing written
+
+
+def test_worker_resources_follow_the_cluster_and_the_config(ray_cluster, tmp_path):
+    from segdist.errors import ConfigError
+    from segdist.job.driver import _worker_resources
+
+    data = {"annotations": "a.json", "images": "imgs"}
+    cpu = job_config(data, str(tmp_path), num_workers=None, cpus_per_worker=2)
+    # The session cluster has no GPU: CPU workers, one by default.
+    assert _worker_resources(cpu, 10, embedded=True) == (1, {"num_gpus": 0, "num_cpus": 2.0})
+    assert _worker_resources(job_config(data, str(tmp_path), num_workers=3), 2, embedded=True)[0] == 2
+    gpu = job_config(data, str(tmp_path), num_workers=4, use_gpus=True, gpus_per_worker=0.5)
+    gpu = gpu.model_copy(update={"model": gpu.model.model_copy(update={"device": "auto"})})
+    # Joined to a cluster whose GPU nodes are not up yet: GPU workers, left for the autoscaler.
+    assert _worker_resources(gpu, 10, embedded=False) == (4, {"num_gpus": 0.5, "num_cpus": 1.0})
+    # An embedded cluster never gets a GPU: say so instead of waiting forever.
+    with pytest.raises(ConfigError, match="no GPU"):
+        _worker_resources(gpu, 10, embedded=True)

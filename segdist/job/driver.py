@@ -94,16 +94,27 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
-def _worker_resources(cfg: JobConfig, n_chunks: int) -> tuple[int, dict[str, Any]]:
-    """How many workers to start and their ``ray.remote`` options, from the cluster's resources."""
+def _worker_resources(cfg: JobConfig, n_chunks: int, embedded: bool) -> tuple[int, dict[str, Any]]:
+    """How many workers to start and their ``ray.remote`` options, from the cluster's resources.
+
+    ``embedded``: Ray was started by this process (no autoscaler will ever add a GPU).
+    """
     import ray
 
     res = cfg.resources
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and cfg.model.device != "cpu"
-    if cfg.model.device == "cuda" and gpus == 0:
-        raise ConfigError("model.device is 'cuda' but the Ray cluster has no GPUs; use "
-                          "model.device=auto (CPU workers) or a cluster with GPU nodes")
+    if res.use_gpus is False or cfg.model.device == "cpu":
+        use_gpu = False
+    elif res.use_gpus or cfg.model.device == "cuda":
+        use_gpu = True
+        if gpus == 0:
+            if embedded:
+                raise ConfigError(
+                    "GPU workers were asked for (model.device=cuda or resources.use_gpus=true) but "
+                    "this machine has no GPU; use model.device=auto or resources.use_gpus=false")
+            log.warning("the cluster has no GPU node yet; GPU workers wait for the autoscaler")
+    else:
+        use_gpu = gpus > 0
     if use_gpu:
         count = res.num_workers or max(1, math.floor(gpus / res.gpus_per_worker + 1e-9))
         options = {"num_gpus": res.gpus_per_worker, "num_cpus": res.cpus_per_worker}
@@ -117,6 +128,25 @@ def _worker_resources(cfg: JobConfig, n_chunks: int) -> tuple[int, dict[str, Any
     return min(count, max(n_chunks, 1)), options
 
 
+def _absolute(uri: str | None, *, weights: bool = False) -> str | None:
+    if uri is None or "://" in uri or "::" in uri:
+        return uri
+    if weights and "/" not in uri and "." not in uri:
+        return uri  # a torchvision weights enum name such as DEFAULT
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def absolute_local_paths(cfg: JobConfig) -> JobConfig:
+    """``cfg`` with relative local paths made absolute: workers do not share the driver's cwd."""
+    d, m, o = cfg.dataset, cfg.model, cfg.output
+    return cfg.model_copy(update={
+        "dataset": d.model_copy(update={"annotations": _absolute(d.annotations),
+                                        "images": _absolute(d.images), "root": _absolute(d.root)}),
+        "model": m.model_copy(update={"weights": _absolute(m.weights, weights=True)}),
+        "output": o.model_copy(update={"uri": _absolute(o.uri)}),
+    })
+
+
 def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = False,
             progress: bool = True) -> JobResult:
     """Run the proposal job for ``cfg`` (see the module docstring); returns what it did.
@@ -126,6 +156,7 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     """
     started = manifest.utc_now()
     t_start = time.perf_counter()
+    cfg = absolute_local_paths(cfg)
     out = cfg.output.uri.rstrip("/") or cfg.output.uri
     opts = cfg.output.storage_options
 
@@ -176,7 +207,7 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
         started_ray = connect_ray(address)
         bar = JobProgress(n_images, len(plan), skipped_images, len(committed), enabled=progress)
         try:
-            n_workers, options = _worker_resources(cfg, len(todo))
+            n_workers, options = _worker_resources(cfg, len(todo), embedded=started_ray)
             log.info("starting %d worker(s) with %s", n_workers,
                      {k: v for k, v in options.items() if k != "runtime_env"})
 
