@@ -76,8 +76,8 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, name: str = "s
         stop_at_step, max_seconds: as :func:`segdist.training.trainer.fit`.
 
     Returns:
-        a summary dict: ``output`` URI, ``step`` reached, ``last`` (last.json record), ``best``
-        (best.json contents or None), ``metrics`` (the last reported metrics).
+        a summary dict read back from the output: ``output`` URI, ``step`` reached, ``last``
+        (last.json record), ``best`` (best.json contents or None).
 
     Raises:
         SegdistError: a worker failed with a user error (its message), or training failed.
@@ -87,6 +87,7 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, name: str = "s
 
     from segdist.job.driver import connect_ray
 
+    preflight(cfg)
     connect_ray(address)
     r = cfg.resources
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
@@ -103,7 +104,7 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, name: str = "s
             worker_runtime_env={"env_vars": env} if env else None),
     )
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface a user error as itself
         cause = _user_error(exc)
         if cause is not None:
@@ -115,7 +116,27 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, name: str = "s
     best_uri = join(cfg.output.uri, "best.json")
     best = json.loads(read_bytes(best_uri, so)) if exists(best_uri, so) else None
     return {"output": cfg.output.uri, "step": last["step"] if last else 0, "last": last,
-            "best": best, "metrics": dict(result.metrics or {})}
+            "best": best}
+
+
+def preflight(cfg: TrainConfig) -> None:
+    """Fail in the driver, before any worker starts, on inputs that cannot be read or an output
+    that cannot be written (the message names the URI)."""
+    from segdist.errors import StorageError
+    from segdist.storage import check_writable
+
+    for name, ds in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if ds is None:
+            continue
+        uri = ds.annotations if ds.format == "coco" else ds.root
+        if not exists(uri, ds.storage_options):
+            raise StorageError(f"{name}: {uri} does not exist; check the URI and its "
+                               "storage_options (endpoint, credentials)")
+    for name, uri in (("model.deepmask", cfg.model.deepmask),
+                      ("model.trunk_weights", cfg.model.trunk_weights)):
+        if uri and ("/" in uri or "." in uri) and not exists(uri, cfg.model.storage_options):
+            raise StorageError(f"{name}: {uri} does not exist")
+    check_writable(cfg.output.uri, cfg.output.storage_options)
 
 
 def _user_error(exc: BaseException) -> SegdistError | None:

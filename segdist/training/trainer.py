@@ -280,6 +280,7 @@ def _fit(cfg: TrainConfig, ctx: TrainContext, *, stop_at_step: int | None,
             "step": step, "epoch": epoch, "lr": lr,
             "mask_loss": _mean(losses["mask"]), "score_loss": _mean(losses["score"]),
             "mask_batches": len(losses["mask"]), "score_batches": len(losses["score"]),
+            "world_size": ctx.world_size,
         }
         losses = {"mask": [], "score": []}
         epoch_done = step % spe == 0 or step == total
