@@ -158,19 +158,28 @@ def _pieces(store, shard_images: int) -> Iterable[list[ImageProposals]]:
 
 
 def _read_manifest(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The run's ``manifest.json``: in the location, or one level up from its ``parquet/`` or
+    ``coco-json/`` folder; None when there is none (COCO results from elsewhere)."""
     import json
+    import posixpath
 
     from segdist import storage
 
-    target = storage.join(uri.rstrip("/"), "manifest.json")
-    try:
-        if not storage.exists(target, storage_options):
+    root = uri.rstrip("/")
+    candidates = [storage.join(root, "manifest.json")]
+    if posixpath.basename(root) in ("parquet", "coco-json"):
+        candidates.append(storage.join(posixpath.dirname(root), "manifest.json"))
+    for target in candidates:
+        try:
+            if not storage.exists(target, storage_options):
+                continue
+            data = json.loads(storage.read_bytes(target, storage_options))
+        except (ValueError, SegdistError, OSError):
+            log.warning("%s is not readable JSON; the report will not carry the run's manifest",
+                        target)
             return None
-        data = json.loads(storage.read_bytes(target, storage_options))
-    except (ValueError, SegdistError, OSError):
-        log.warning("%s is not readable JSON; the report will not carry the run's manifest", target)
-        return None
-    return data if isinstance(data, dict) else None
+        return data if isinstance(data, dict) else None
+    return None
 
 
 def evaluate_proposals(proposals_uri: str, coco_gt: Mapping[str, Any], *,
@@ -206,7 +215,8 @@ def evaluate_proposals(proposals_uri: str, coco_gt: Mapping[str, Any], *,
     iou_types = tuple(iou_types or IOU_TYPES)
     bad = [t for t in iou_types if t not in IOU_TYPES]
     if bad or not iou_types:
-        raise SegdistError(f"iou types must be a non-empty subset of {IOU_TYPES}, got {list(iou_types)}")
+        raise SegdistError(f"iou types must be a non-empty subset of {IOU_TYPES}, "
+                           f"got {list(iou_types)}")
     if max_dets < 1:
         raise SegdistError(f"max_dets must be >= 1, got {max_dets}")
     t0 = time.perf_counter()
