@@ -151,3 +151,16 @@ def test_sharpmask_training_leaves_every_deepmask_tensor_unchanged(shapes, tmp_p
     sm0 = build_model(cfg).state_dict()
     changed = [k for k in after if not k.startswith("deepmask.") and not torch.equal(after[k], sm0[k])]
     assert changed, "the refinement modules did not learn"
+
+
+@pytest.mark.parametrize("name", ["train-deepmask", "train-sharpmask", "train-synthetic"])
+def test_shipped_train_configs_validate(name):
+    from pathlib import Path
+
+    from segdist.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    cfg = load_config(TrainConfig, str(path))
+    if name != "train-synthetic":  # the original's settings
+        assert (cfg.model.i_sz, cfg.optim.batch_size, cfg.optim.steps_per_epoch) == (160, 32, 4000)
+        assert cfg.data.g_sz == (112 if name == "train-deepmask" else 160)

@@ -1,0 +1,242 @@
+"""``segdist demo``: the whole pipeline on a synthetic dataset, trained vs untrained, in minutes.
+
+1. writes the synthetic "shapes" dataset (train split + held-out val split);
+2. trains a small DeepMask (ResNet-18 trunk, small windows) on the train split, in this process;
+3. saves an *untrained* DeepMask of the same architecture (same seed as the trained one's start);
+4. generates proposals for the held-out images with both models through the Ray job;
+5. evaluates both (COCO average recall, class-agnostic, up to 1000 proposals per image);
+6. draws the trained model's top proposals over a held-out image (PNG) and prints the AR table.
+
+``--large`` (alias ``--gpu``) runs the same pipeline much bigger, for a machine with a GPU.
+Every output lies under ``--out`` (default ./segdist-demo); the command ends by listing them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+
+HELP = "whole pipeline on a synthetic dataset: train, generate, evaluate, compare"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run (see SMALL and LARGE)."""
+
+    images: int  # synthetic images, train + val
+    val_fraction: float
+    min_side: int
+    max_side: int
+    max_objects: int
+    trunk: str
+    i_sz: int
+    o_sz: int
+    batch_size: int
+    steps: int  # training steps (the LR drops for the last quarter)
+    lr: float
+    train_minutes: float  # training stops here even if `steps` are not done (a slow machine)
+    scales: tuple[float, float, float]  # pyramid min, max, step (log2)
+    device: str
+    loader_workers: int
+    job_workers: int
+
+
+# Chosen by experiment on 2 shared CPU cores (docs/benchmarks.md, "Training and the demo").
+SMALL = DemoPlan(images=400, val_fraction=0.1, min_side=128, max_side=192, max_objects=4,
+                 trunk="resnet18", i_sz=64, o_sz=32, batch_size=32, steps=240, lr=0.01,
+                 train_minutes=5.0, scales=(-2.0, 1.0, 0.5), device="cpu", loader_workers=1,
+                 job_workers=2)
+LARGE = DemoPlan(images=4000, val_fraction=0.05, min_side=160, max_side=512, max_objects=8,
+                 trunk="resnet50", i_sz=160, o_sz=56, batch_size=32, steps=20000, lr=0.01,
+                 train_minutes=60.0, scales=(-2.5, 1.0, 0.5), device="auto", loader_workers=8,
+                 job_workers=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="segdist-demo",
+                        help="folder (or any fsspec URI) for every output (default ./segdist-demo)")
+    parser.add_argument("--large", "--gpu", dest="large", action="store_true",
+                        help="a much bigger run (4000 images, ResNet-50, 20k steps) for a GPU")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (override)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset and training seed")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster for the proposal and evaluation jobs (default: local)")
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = LARGE if args.large else SMALL
+    if args.steps is not None:
+        plan = DemoPlan(**{**asdict(plan), "steps": max(1, args.steps)})
+    report = run_demo(args.out, plan, seed=args.seed, address=args.address)
+    print(report)
+    return 0
+
+
+def _torch_threads() -> int:
+    """Threads for training: the cores not already busy (two torch threads on a core that another
+    process keeps busy run many times slower than one)."""
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cores, round(cores - busy)))
+
+
+def _abs(uri: str) -> str:
+    return uri if "://" in uri else os.path.abspath(uri)
+
+
+def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = None) -> str:
+    """Run the demo under ``out``; returns the printed report (also written to OUT/demo.txt)."""
+    from segdist.config import DatasetConfig, JobConfig, ModelConfig, OutputConfig, \
+        ResourcesConfig, ScalesConfig, validate
+    from segdist.data import load_dataset
+    from segdist.data.synthetic import make_synthetic
+    from segdist.evaluation.metrics import summarize
+    from segdist.evaluation.sharded import evaluate_proposals
+    from segdist.imageio import read_image
+    from segdist.job.driver import connect_ray, run_job
+    from segdist.models.checkpoint import save_checkpoint
+    from segdist.proposals.store import open_proposals
+    from segdist.storage import atomic_write, exists, join
+    from segdist.training.config import TrainConfig
+    from segdist.training.trainer import build_model, fit
+    from segdist.visualize import draw_proposals, encode_png
+
+    out = _abs(out)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    # 1. data ----------------------------------------------------------------------------------
+    t = time.perf_counter()
+    data = join(out, "data")
+    ann = {s: join(data, "annotations", f"instances_{s}.json") for s in ("train", "val")}
+    if not exists(ann["val"]):
+        log.info("writing %d synthetic images to %s", plan.images, data)
+        make_synthetic(data, plan.images, seed=seed, min_side=plan.min_side,
+                       max_side=plan.max_side, max_objects=plan.max_objects, crowd_prob=0.0,
+                       val_fraction=plan.val_fraction)
+    split = {s: DatasetConfig(format="coco", annotations=ann[s], images=join(data, "images"))
+             for s in ("train", "val")}
+    val = load_dataset(split["val"])
+    timings["data"] = time.perf_counter() - t
+
+    # 2. training ------------------------------------------------------------------------------
+    t = time.perf_counter()
+    spe = max(1, plan.steps // 4)
+    threads = _torch_threads() if plan.device == "cpu" else None
+    cfg = validate(TrainConfig, {
+        "model": {"arch": "deepmask", "trunk": plan.trunk, "i_sz": plan.i_sz, "o_sz": plan.o_sz},
+        "data": {"train": split["train"].model_dump(), "val": split["val"].model_dump(),
+                 "loader_workers": plan.loader_workers},
+        # Four epochs; the LR drops 10x for the last one (the original's schedule, compressed).
+        "optim": {"batch_size": plan.batch_size, "steps_per_epoch": spe,
+                  "epochs": -(-plan.steps // spe), "lr_schedule": [[1, plan.lr], [4, plan.lr / 10]]},
+        "eval": {"every_epochs": 1, "patches": 256, "batch_size": 64},
+        "output": {"uri": join(out, "train")},
+        "resources": {"torch_threads": threads},
+        "device": plan.device, "seed": seed, "log_every": 20,
+    }, "demo training config")
+    log.info("training a %s DeepMask (i_sz %d) for %d steps of %d windows (%s torch threads), "
+             "at most %.0f min", plan.trunk, plan.i_sz, cfg.total_steps, plan.batch_size,
+             threads or "default", plan.train_minutes)
+    untrained_uri = join(out, "untrained.safetensors")
+    save_checkpoint(build_model(cfg), untrained_uri, {"note": "the trained run's initial weights"})
+    result = fit(cfg, max_seconds=plan.train_minutes * 60)
+    trained_uri = result.best_model or result.final_model or join(out, "train", "final.safetensors")
+    timings["train"] = time.perf_counter() - t
+
+    # 3-4. proposals with the Ray job, and their evaluation --------------------------------------
+    started = connect_ray(address)
+    ar: dict[str, dict] = {}
+    try:
+        for name, weights in (("trained", trained_uri), ("untrained", untrained_uri)):
+            t = time.perf_counter()
+            job = JobConfig(
+                dataset=split["val"],
+                model=ModelConfig(name="deepmask", weights=weights, proposals=1000,
+                                  scales=ScalesConfig(min=plan.scales[0], max=plan.scales[1],
+                                                      step=plan.scales[2]),
+                                  device="auto" if plan.device == "auto" else "cpu", batch_size=4),
+                output=OutputConfig(uri=join(out, "proposals", name), chunk_size=max(
+                    1, -(-len(val) // (2 * plan.job_workers)))),
+                resources=ResourcesConfig(num_workers=plan.job_workers, cpus_per_worker=1,
+                                          decode_threads=1),
+            )
+            res = run_job(job, address=address, overwrite=True, progress=False)
+            if not res.complete:
+                from segdist.errors import SegdistError
+
+                raise SegdistError(f"the proposal job for the {name} model did not complete:\n"
+                                   f"{res.summary()}")
+            timings[f"generate_{name}"] = time.perf_counter() - t
+            t = time.perf_counter()
+            run_eval = evaluate_proposals(job.output.uri, val.coco_gt, max_dets=1000,
+                                          progress=False)
+            ar[name] = {k: summarize(c)["metrics"] for k, c in run_eval.counts.items()}
+            timings[f"evaluate_{name}"] = time.perf_counter() - t
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    # 5. overlay ---------------------------------------------------------------------------------
+    store = open_proposals(join(out, "proposals", "trained"))
+    first = val.images[0]
+    overlay = draw_proposals(read_image(first.uri), store.get(first.image_id), top=5)
+    overlay_uri = join(out, "overlay.png")
+    atomic_write(overlay_uri, encode_png(overlay))
+
+    # 6. report ------------------------------------------------------------------------------------
+    total = time.perf_counter() - t_start
+    t_ar, u_ar = ar["trained"]["segm"]["AR@100"], ar["untrained"]["segm"]["AR@100"]
+    rows = []
+    for kind in ("segm", "bbox"):
+        for key in ("AR@10", "AR@100", "AR@1000"):
+            a, b = ar["trained"][kind].get(key), ar["untrained"][kind].get(key)
+            ratio = f"{a / b:6.1f}x" if a is not None and b else "      -"
+            rows.append(f"  {kind:<5} {key:<8} {_f(a):>9} {_f(b):>11} {ratio}")
+    best = result.best or {}
+    patch = best.get("patch", {})
+    lines = [
+        "",
+        f"segdist demo: {len(val)} held-out synthetic images, {plan.trunk} DeepMask (i_sz "
+        f"{plan.i_sz}) trained {result.step} steps x {plan.batch_size} windows",
+        f"per-patch (held-out, best step {best.get('step', '-')}): mean IoU "
+        f"{_f(patch.get('mean_iou'))}, IoU>=.5 {_f(patch.get('iou50'))}, IoU>=.7 "
+        f"{_f(patch.get('iou70'))}",
+        "average recall (COCO, class-agnostic, <= 1000 proposals per image):",
+        f"  {'type':<5} {'metric':<8} {'trained':>9} {'untrained':>11}  ratio",
+        *rows,
+        f"trained AR@100 (segments) = {_f(t_ar)}, {t_ar / u_ar:.1f}x the untrained model's"
+        if u_ar else f"trained AR@100 (segments) = {_f(t_ar)}",
+        "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s",
+        "outputs:",
+        f"  dataset            {data}",
+        f"  training run       {join(out, 'train')} (config.yaml, metrics.jsonl, checkpoints/)",
+        f"  trained model      {trained_uri}",
+        f"  untrained model    {untrained_uri}",
+        f"  proposals          {join(out, 'proposals', 'trained')}, {join(out, 'proposals', 'untrained')}",
+        f"  overlay            {overlay_uri} (top 5 proposals of image {first.image_id})",
+        f"  numbers            {join(out, 'demo.json')}",
+    ]
+    report = "\n".join(lines)
+    summary = {"plan": asdict(plan), "seed": seed, "steps": result.step, "best": best,
+               "ar": ar, "timings_s": timings, "total_s": total, "val_images": len(val),
+               "trained_model": trained_uri, "untrained_model": untrained_uri,
+               "torch_threads": threads, "history": result.history}
+    atomic_write(join(out, "demo.json"), json.dumps(summary, indent=1).encode())
+    atomic_write(join(out, "demo.txt"), report.encode())
+    return report
+
+
+def _f(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
