@@ -169,3 +169,56 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset",
                str(tmp_path / "gt.json"), "--storage-options", "{not json"])
     assert rc == 2 and "--storage-options" in capsys.readouterr().err
+
+
+def test_cli_voc_config_segments_only_where_segmented(ray_cluster, tmp_path):
+    """A generate-style config naming a VOC split: box AR over every image, segment AR only over
+    the images that have a SegmentationObject PNG."""
+    from pycocotools import mask as mask_utils
+
+    from segdist.data.synthetic import make_synthetic
+    from segdist.data.voc import load_voc
+    from segdist.proposals.types import ImageProposals
+
+    info = make_synthetic(str(tmp_path / "voc"), n_images=8, seed=3, fmt="voc", min_side=48,
+                          max_side=128, crowd_prob=0.5)
+    root = info["root"]
+    for name in ("2026_000001", "2026_000004", "2026_000006"):
+        (tmp_path / "voc" / "VOC2012" / "SegmentationObject" / f"{name}.png").unlink()
+    config = tmp_path / "job.yaml"
+    config.write_text(f"dataset:\n  format: voc\n  root: {root}\n  split: trainval\n"
+                      f"output:\n  uri: {tmp_path / 'unused'}\n")
+    gt_dict = load_voc(root, split="trainval").coco_gt
+    assert len(gt_dict["segm_image_ids"]) == 5
+    by_image: dict[int, list] = {}
+    for a in gt_dict["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    props = {}
+    for k, im in enumerate(gt_dict["images"]):
+        if k == 1:
+            continue  # a segmented image without proposals: its objects are missed
+        h, w = im["height"], im["width"]
+        rles = []
+        for a in by_image.get(im["id"], []):
+            if "segmentation" in a:
+                rles.append(a["segmentation"])
+            else:  # boxes only: a box-shaped mask
+                rles.append(mask_utils.frPyObjects(np.array([a["bbox"]]), h, w)[0])
+        if rles:
+            rles = [{"size": r["size"], "counts": r["counts"]} for r in rles]
+            props[im["id"]] = ImageProposals(
+                im["id"], h, w, np.linspace(1, 0.5, len(rles)), mask_utils.toBbox(rles),
+                [r["counts"] for r in rles], "gt")
+    write_chunk(str(tmp_path / "run"), 0, list(props.values())[:3], ["coco-json"])
+    write_chunk(str(tmp_path / "run"), 1, list(props.values())[3:], ["coco-json"])
+    rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset", str(config),
+               "--no-progress"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    run = doc["runs"][0]
+    assert run["images_evaluated"] == {"segm": 5, "bbox": 8} and doc["dataset"]["format"] == "voc"
+    for t in ("segm", "bbox"):
+        ids_t = eval_image_ids(gt_dict, t)
+        gt = prepare_ground_truth(gt_dict, ids_t, segments=t == "segm")
+        assert run[t]["metrics"] == summarize(count_images(gt, props, ids_t, t))["metrics"]
+        assert 0.5 < run[t]["metrics"]["AR@100"] < 1.0  # all but the second image's objects
