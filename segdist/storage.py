@@ -73,24 +73,44 @@ def exists(uri: str, storage_options: Mapping[str, Any] | None = None) -> bool:
     return fs.exists(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _local_atomic(uri: str, path: str) -> Iterator[io.IOBase]:
+    """A temporary file beside ``path``, renamed onto it (atomic on POSIX) if the block succeeds."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
+        # mkstemp makes the file 0600; give the final file the permissions open() would.
+        os.fchmod(fd, 0o666 & ~_umask())
+    except PermissionError as exc:
+        raise StorageError(f"no permission to write {uri}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot write {uri}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_write(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write ``data`` to ``uri`` so that readers see either nothing or the whole file."""
     fs, path = url_to_fs(uri, storage_options)
     try:
         if isinstance(fs, LocalFileSystem):
-            directory = os.path.dirname(path) or "."
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
+            with _local_atomic(uri, path) as f:
+                f.write(data)
         else:
             # One PUT (s3fs switches to a multipart upload for large bodies, which stays invisible
             # until completed): never a partial object at the final key.
@@ -115,22 +135,8 @@ def atomic_open(uri: str, storage_options: Mapping[str, Any] | None = None) -> I
     """
     fs, path = url_to_fs(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
-        directory = os.path.dirname(path) or "."
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=directory)
-        except OSError as exc:
-            raise StorageError(f"cannot write {uri}: {exc}") from exc
-        try:
-            with os.fdopen(fd, "wb") as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with _local_atomic(uri, path) as f:
+            yield f
         return
     if _discardable(fs):
         f = fs.open(path, "wb")

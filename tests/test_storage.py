@@ -141,3 +141,20 @@ def test_atomic_open_other_filesystems_buffer(tmp_path):
     with storage.atomic_open(uri) as f:
         f.write(b"whole")
     assert storage.read_bytes(uri) == b"whole"
+
+
+def test_local_atomic_files_get_ordinary_permissions(tmp_path):
+    # mkstemp creates 0600 files; outputs must be readable as if written with open() (umask applies).
+    import os
+
+    from segdist.storage import atomic_open, atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(str(tmp_path / "a.json"), b"{}")
+        with atomic_open(str(tmp_path / "b.bin")) as f:
+            f.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
