@@ -214,3 +214,20 @@ def bench() -> None:
 
 if __name__ == "__main__":
     bench()
+
+
+def test_encode_masks_backends_agree():
+    # encode_masks sends CPU masks to pycocotools' C encoder and GPU masks to the torch encoder;
+    # both must give the same bytes, boxes and areas as the torch encoder on the CPU.
+    rng = np.random.default_rng(7)
+    masks = rng.random((40, 23, 31)) < rng.random((40, 1, 1))
+    masks[0] = False
+    masks[1] = True
+    t = torch.from_numpy(masks)
+    got = rle.encode_masks(t)
+    want = rle.encode_with_boxes(t)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[2], want[2])
+    assert got[1].dtype == np.float32 and got[2].dtype == np.int64
+    assert rle.encode_masks(torch.zeros(0, 3, 4, dtype=torch.bool))[0] == []

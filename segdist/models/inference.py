@@ -457,7 +457,7 @@ def propose(model, images: torch.Tensor, settings: InferenceSettings) -> list[Ma
     Returns:
         one :class:`MaskProposals` per image: at most k, sorted by score, masks at H x W.
     """
-    from segdist.proposals.rle import encode_with_boxes
+    from segdist.proposals.rle import encode_masks
 
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {list(images.shape)}")
@@ -477,7 +477,7 @@ def propose(model, images: torch.Tensor, settings: InferenceSettings) -> list[Ma
         results = []
         for pool in pools:
             results.append(_finish(model, pool, by_index, height, width, k, thr, settings, budget,
-                                   encode_with_boxes))
+                                   encode_masks))
     return results
 
 

@@ -172,7 +172,7 @@ class MaskRCNNProposer:
         return rpn.filter_proposals(proposals, objectness, il.image_sizes, per_level)
 
     def _masks(self, det: dict, image_size, hw: tuple[int, int]) -> DetectorProposals:
-        from segdist.proposals.rle import encode_with_boxes
+        from segdist.proposals.rle import encode_masks
         from torchvision.models.detection.transform import resize_boxes
 
         h, w = hw
@@ -187,7 +187,7 @@ class MaskRCNNProposer:
         for s in range(0, len(order), chunk):
             masks = paste_detector_masks(probs[s:s + chunk], boxes[s:s + chunk], h, w,
                                          self.mask_threshold)
-            c, bx, _ = encode_with_boxes(masks)
+            c, bx, _ = encode_masks(masks)
             del masks
             counts.extend(c)
             tight.append(bx)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["encode", "encode_with_boxes", "decode"]
+__all__ = ["encode", "encode_with_boxes", "encode_masks", "decode"]
 
 
 def _as_bool_masks(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -158,6 +158,30 @@ def encode_with_boxes(masks: torch.Tensor | np.ndarray) -> tuple[list[bytes], np
     boxes = host[total + n:total + 5 * n].reshape(n, 4).astype(np.float32)
     areas = host[total + 5 * n:].copy()
     return _compress(diff, nruns), boxes, areas
+
+
+def _encode_with_pycocotools(masks: torch.Tensor) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    from pycocotools import mask as mask_utils
+
+    # [N, H, W] -> Fortran-ordered uint8 [H, W, N]: pixel (y, x) of mask i at y + x*H + i*H*W.
+    fortran = masks.view(torch.uint8).transpose(1, 2).contiguous().numpy().transpose(2, 1, 0)
+    rles = mask_utils.encode(fortran)
+    boxes = mask_utils.toBbox(rles).astype(np.float32).reshape(-1, 4)
+    areas = mask_utils.area(rles).astype(np.int64)
+    return [r["counts"] for r in rles], boxes, areas
+
+
+def encode_masks(masks: torch.Tensor | np.ndarray) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """:func:`encode_with_boxes` with the fastest exact backend for where the masks live.
+
+    Masks on a GPU use the torch encoder (one device-to-host copy of runs, not of pixels). Masks
+    on the CPU go to pycocotools' C encoder, measured about 6x faster there than torch's CPU
+    kernels for the same bytes (docs/benchmarks.md). Same outputs either way (tests check both).
+    """
+    masks = _as_bool_masks(masks)
+    if masks.shape[0] == 0 or masks.device.type != "cpu":
+        return encode_with_boxes(masks)
+    return _encode_with_pycocotools(masks)
 
 
 def encode(masks: torch.Tensor | np.ndarray) -> list[bytes]:
