@@ -157,14 +157,32 @@ def test_job_to_s3_exactly_once_and_equal_to_single_process(ray_s3, s3_bucket, t
 
 def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp_path):
     data = make_data(str(tmp_path / "data"), 10)
+    gt = json.loads(Path(data["annotations"]).read_text())
+    victim = sorted(gt["images"], key=lambda im: im["id"])[5]
+    path = Path(data["images"]) / victim["file_name"]
+    path.write_bytes(path.read_bytes()[:40])  # a truncated image
     out = str(tmp_path / "out")
     cfg = job_config(data, out, num_workers=1)
+
     first = run_job(cfg, progress=False)
+
+    # The bad image is recorded with id, file and reason, and skipped; its chunk commits.
     assert first.complete and first.chunks_written == 3
+    assert first.images_failed == 1 and first.images_written == 9
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    (bad,) = manifest["failed_images"]
+    assert bad["image_id"] == victim["id"] and bad["file_name"] == victim["file_name"]
+    assert bad["chunk"] == 1 and bad["reason"] and bad["uri"].endswith(victim["file_name"])
+    assert manifest["chunks"][1]["images"] == 3 and manifest["chunks"][1]["failed_images"] == 1
+    store = open_proposals(out)
+    assert victim["id"] not in store and len(store.image_ids()) == 9
+    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
     before = mtimes(out)
 
+    # Re-run: every chunk is committed, nothing is rewritten.
     again = run_job(cfg, progress=False)
     assert again.complete and again.chunks_written == 0 and again.chunks_skipped == 3
+    assert again.images_failed == 1
     after = mtimes(out)
     assert {k: v for k, v in after.items() if k != "manifest.json"} == \
         {k: v for k, v in before.items() if k != "manifest.json"}
@@ -185,26 +203,38 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
     assert max(len(store.get(i)) for i in store.image_ids()) == 5
 
 
-def test_bad_image_is_recorded_and_its_chunk_commits(ray_s3, tmp_path):
+def test_resuming_with_other_weights_behind_the_same_uri_is_refused(ray_s3, tmp_path):
+    import torch
+
+    from segdist.models.checkpoint import build_model, save_checkpoint
+    from segdist.models.deepmask import DeepMaskConfig
+
+    weights = str(tmp_path / "model.safetensors")
+
+    def save(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_checkpoint(build_model("deepmask", DeepMaskConfig(arch="resnet18")), weights)
+
+    save(1)
     data = make_data(str(tmp_path / "data"), 8)
-    gt = json.loads(Path(data["annotations"]).read_text())
-    victim = sorted(gt["images"], key=lambda im: im["id"])[5]
-    path = Path(data["images"]) / victim["file_name"]
-    path.write_bytes(path.read_bytes()[:40])  # truncated
     out = str(tmp_path / "out")
-    cfg = job_config(data, out)
-
-    result = run_job(cfg, progress=False)
-
-    assert result.complete and result.images_failed == 1 and result.images_written == 7
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    (bad,) = manifest["failed_images"]
-    assert bad["image_id"] == victim["id"] and bad["file_name"] == victim["file_name"]
-    assert bad["chunk"] == 1 and bad["reason"] and bad["uri"].endswith(victim["file_name"])
-    assert manifest["chunks"][1]["images"] == 3 and manifest["chunks"][1]["failed_images"] == 1
-    store = open_proposals(out)
-    assert victim["id"] not in store and len(store.image_ids()) == 7
+    cfg = job_config(data, out, num_workers=1)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"trunk": None, "weights": weights})})
+    assert run_job(cfg, progress=False).complete
+    sha = json.loads(Path(out, "manifest.json").read_text())["model"]["weights_sha256"]
+    assert sha and json.loads(Path(out, "_segdist", "run.json").read_text())["weights_sha256"] == sha
     assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
+
+    # As if the run had been interrupted before chunk 1 committed, and the weights file then
+    # replaced (same URI, same config): the resumed run is refused once its worker reports the
+    # sha256, before any chunk is written.
+    Path(state.chunk_record_uri(out, 1)).unlink()
+    save(2)
+    before = mtimes(out)
+    with pytest.raises(SegdistError) as err:
+        run_job(cfg, progress=False)
+    assert f"weights sha256 {sha}" in str(err.value) and "--overwrite" in str(err.value)
+    assert mtimes(out) == before
 
 
 def _generate_cli(config: Path, *extra: str) -> subprocess.CompletedProcess:

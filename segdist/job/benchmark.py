@@ -20,8 +20,8 @@ import tempfile
 import time
 
 
-def bare_loop(cfg, threads: int) -> tuple[float, int]:
-    """(seconds, images) for decode + generator over the dataset in one thread."""
+def bare_loop(cfg, threads: int) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds incl. the model load, images): decode + generator, one process."""
     import torch
 
     from segdist.data import load_dataset
@@ -29,6 +29,7 @@ def bare_loop(cfg, threads: int) -> tuple[float, int]:
     from segdist.models.generator import build_generator
 
     torch.set_num_threads(threads)
+    c0 = time.process_time()
     gen = build_generator(cfg.model)
     ds = load_dataset(cfg.dataset)
     bs = cfg.model.batch_size
@@ -39,14 +40,57 @@ def bare_loop(cfg, threads: int) -> tuple[float, int]:
         images = [read_image(r.uri) for r in recs]
         out = gen(images, [r.image_id for r in recs])
         n += len(out)
-    return time.perf_counter() - t0, n
+    return time.perf_counter() - t0, time.process_time() - c0, n
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+class WorkerCPU:
+    """Samples the CPU time of this Ray node's ChunkWorker processes (children of its raylet) until
+    stopped; ``total()`` sums the last sample of each (a worker is killed at the end of the run)."""
+
+    def __init__(self, period: float = 0.1):
+        import threading
+
+        import ray
+
+        self.raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid
+        self.last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            for p in os.listdir("/proc"):
+                if not p.isdigit():
+                    continue
+                try:
+                    stat = open(f"/proc/{p}/stat").read()
+                    cmd = open(f"/proc/{p}/cmdline", "rb").read()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == self.raylet and b"ChunkWorker" in cmd:
+                    try:
+                        self.last[int(p)] = _cpu_seconds(int(p))
+                    except (OSError, ValueError):
+                        pass
+            time.sleep(period)
+
+    def total(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return sum(self.last.values())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=48)
     p.add_argument("--chunk-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2, help="torch threads = CPUs of the one worker")
+    p.add_argument("--threads", type=int, default=1, help="torch threads = CPUs of the one worker")
     p.add_argument("--model", default="deepmask")
     p.add_argument("--trunk", default="resnet18")
     p.add_argument("--proposals", type=int, default=100)
@@ -81,14 +125,20 @@ def main() -> None:
         cfg = validate(JobConfig, base)
         ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
-        bares, steady, total = [], [], []
+        bares, bare_cpu, steady, total, job_cpu = [], [], [], [], []
         # Interleaved, best of N: on a shared machine other load only ever slows a run down.
+        # CPU seconds are the steadier measure there (one torch thread: no OpenMP spin-waiting).
         for _ in range(args.repeats):
-            bares.append(bare_loop(cfg, args.threads)[0])
+            wall, cpu, _n = bare_loop(cfg, args.threads)
+            bares.append(wall)
+            bare_cpu.append(cpu)
             shutil.rmtree(f"{work}/out", ignore_errors=True)
+            sampler = WorkerCPU()
+            c0 = time.process_time()
             t0 = time.perf_counter()
             result = run_job(cfg, progress=False)
             total.append(time.perf_counter() - t0)
+            job_cpu.append(sampler.total() + time.process_time() - c0)
             m = json.loads(open(f"{work}/out/manifest.json").read())["timings"]
             steady.append(m["run_seconds"] - m["first_worker_ready_seconds"])
             assert result.complete
@@ -105,6 +155,9 @@ def main() -> None:
             "job_steady_images_per_s": round(n / min(steady), 3),
             "job_end_to_end_images_per_s": round(n / min(total), 3),
             "overhead_steady_pct": round(100 * (min(steady) - bare) / bare, 1),
+            "bare_cpu_seconds": [round(c, 2) for c in bare_cpu],
+            "job_cpu_seconds_worker_plus_driver": [round(c, 2) for c in job_cpu],
+            "overhead_cpu_pct": round(100 * (min(job_cpu) - min(bare_cpu)) / min(bare_cpu), 1),
         }
         print(json.dumps(rep, indent=1))
     finally:

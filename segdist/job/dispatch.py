@@ -114,6 +114,7 @@ class Dispatcher:
         self._remote = ray.remote(ChunkWorker)
         self._slots: list[_Slot] = []
         self._first_checked = False
+        self._last_loss = ""
 
     # -- actors -------------------------------------------------------------------------------
     def _start(self, slot: _Slot, info_refs: dict) -> None:
@@ -127,6 +128,7 @@ class Dispatcher:
 
     def _worker_lost(self, slot: _Slot, reason: str, info_refs: dict) -> None:
         """The slot's actor is dead (or useless): kill it for good, replace it if allowed."""
+        self._last_loss = reason
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # already gone
@@ -204,7 +206,8 @@ class Dispatcher:
                         attempts[index] = max(attempts[index], 1)
                         failed[index] = ChunkFailure(index, attempts[index], errors[index] + [
                             "no workers left: every worker died more than "
-                            f"resources.max_actor_restarts={self.max_replacements} times"])
+                            f"resources.max_actor_restarts={self.max_replacements} times in a row; "
+                            f"the last: {self._last_loss}"])
                     queue.clear()
                     if not task_refs:
                         break
