@@ -40,7 +40,9 @@ class DemoPlan:
     batch_size: int
     steps: int  # training steps (the LR drops for the last quarter)
     lr: float
+    optimizer: str  # "sgd" (the original's) or "adamw"
     train_minutes: float  # training stops here even if `steps` are not done (a slow machine)
+    eval_patches: int  # held-out patches of the per-patch evaluation after each quarter
     scales: tuple[float, float, float]  # pyramid min, max, step (log2)
     device: str
     loader_workers: int
@@ -49,13 +51,13 @@ class DemoPlan:
 
 # Chosen by experiment on 2 shared CPU cores (docs/benchmarks.md, "Training and the demo").
 SMALL = DemoPlan(images=400, val_fraction=0.1, min_side=128, max_side=192, max_objects=4,
-                 trunk="resnet18", i_sz=64, o_sz=32, batch_size=32, steps=240, lr=0.01,
-                 train_minutes=5.0, scales=(-2.0, 1.0, 0.5), device="cpu", loader_workers=1,
-                 job_workers=2)
+                 trunk="resnet18", i_sz=64, o_sz=32, batch_size=32, steps=240, lr=1e-3,
+                 optimizer="adamw", train_minutes=6.0, eval_patches=256,
+                 scales=(-2.5, 1.0, 0.5), device="cpu", loader_workers=1, job_workers=2)
 LARGE = DemoPlan(images=4000, val_fraction=0.05, min_side=160, max_side=512, max_objects=8,
-                 trunk="resnet50", i_sz=160, o_sz=56, batch_size=32, steps=20000, lr=0.01,
-                 train_minutes=60.0, scales=(-2.5, 1.0, 0.5), device="auto", loader_workers=8,
-                 job_workers=1)
+                 trunk="resnet50", i_sz=160, o_sz=56, batch_size=32, steps=20000, lr=1e-3,
+                 optimizer="adamw", train_minutes=60.0, eval_patches=2048,
+                 scales=(-2.5, 1.0, 0.5), device="auto", loader_workers=8, job_workers=1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,9 +139,9 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         "data": {"train": split["train"].model_dump(), "val": split["val"].model_dump(),
                  "loader_workers": plan.loader_workers},
         # Four epochs; the LR drops 10x for the last one (the original's schedule, compressed).
-        "optim": {"batch_size": plan.batch_size, "steps_per_epoch": spe,
+        "optim": {"name": plan.optimizer, "batch_size": plan.batch_size, "steps_per_epoch": spe,
                   "epochs": -(-plan.steps // spe), "lr_schedule": [[1, plan.lr], [4, plan.lr / 10]]},
-        "eval": {"every_epochs": 1, "patches": 256, "batch_size": 64},
+        "eval": {"every_epochs": 1, "patches": plan.eval_patches, "batch_size": 64},
         "output": {"uri": join(out, "train")},
         "resources": {"torch_threads": threads},
         "device": plan.device, "seed": seed, "log_every": 20,

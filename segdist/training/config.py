@@ -79,8 +79,13 @@ class TrainDataConfig(_Section):
 
 
 class OptimConfig(_Section):
-    """SGD and its schedule. ``hfreq`` is the share of score batches (0: masks only)."""
+    """The optimiser and its schedule. ``hfreq`` is the share of score batches (0: masks only).
 
+    ``name``: ``sgd`` (the original; ``momentum``, ``weight_decay``) or ``adamw`` (not the
+    original's: for short runs from a random trunk, e.g. the CPU demo; ``momentum`` is unused).
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
     batch_size: int = Field(default=32, ge=1)
     steps_per_epoch: int = Field(default=4000, ge=1)
     epochs: int = Field(default=300, ge=1)

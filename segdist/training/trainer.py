@@ -130,8 +130,12 @@ def set_train_mode(model: nn.Module, arch: str) -> None:
         model.deepmask.eval()
 
 
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD as the original (momentum, L2 weight decay), or AdamW. Both skip parameters whose
+    gradient is None, i.e. the head that took no part in a batch."""
     o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr_schedule[0][1], weight_decay=o.weight_decay)
     return torch.optim.SGD(params, lr=o.lr_schedule[0][1], momentum=o.momentum, dampening=0.0,
                            weight_decay=o.weight_decay)
 
