@@ -125,7 +125,7 @@ def main() -> None:
         cfg = validate(JobConfig, base)
         ray.init(address="local", num_cpus=args.threads, include_dashboard=False,
                  _node_ip_address="127.0.0.1", log_to_driver=False)
-        bares, bare_cpu, steady, total, job_cpu = [], [], [], [], []
+        bares, bare_cpu, steady, total, job_cpu, parts = [], [], [], [], [], []
         # Interleaved, best of N: on a shared machine other load only ever slows a run down.
         # CPU seconds are the steadier measure there (one torch thread: no OpenMP spin-waiting).
         for _ in range(args.repeats):
@@ -141,6 +141,8 @@ def main() -> None:
             job_cpu.append(sampler.total() + time.process_time() - c0)
             m = json.loads(open(f"{work}/out/manifest.json").read())["timings"]
             steady.append(m["run_seconds"] - m["first_worker_ready_seconds"])
+            parts.append({"first_worker_ready_s": m["first_worker_ready_seconds"],
+                          **{f"chunks_{k}_s": v for k, v in m["chunk_seconds"].items()}})
             assert result.complete
         ray.shutdown()
         bare = min(bares)
@@ -158,6 +160,7 @@ def main() -> None:
             "bare_cpu_seconds": [round(c, 2) for c in bare_cpu],
             "job_cpu_seconds_worker_plus_driver": [round(c, 2) for c in job_cpu],
             "overhead_cpu_pct": round(100 * (min(job_cpu) - min(bare_cpu)) / min(bare_cpu), 1),
+            "job_parts_of_fastest_run": parts[steady.index(min(steady))],
         }
         print(json.dumps(rep, indent=1))
     finally:

@@ -129,13 +129,16 @@ class ChunkWorker:
             # attempt, and the chunk is retried rather than committed without the image.
             yield rec, image, reason, time.perf_counter() - t0
 
-    def _run_model(self, images: list[np.ndarray], ids: list[int]) -> list[ImageProposals]:
+    def _run_model(self, images: list[np.ndarray], ids: list[int]) -> tuple[list[ImageProposals], float]:
+        """Proposals for one batch, and the seconds the model ran (not the wait for the lock)."""
         with self._model_lock:
+            t0 = time.perf_counter()
             out = self.generator(images, ids)
+            seconds = time.perf_counter() - t0
         got = [p.image_id for p in out]
         if got != ids:
             raise RuntimeError(f"generator returned proposals for images {got}, expected {ids}")
-        return out
+        return out, seconds
 
     def process_chunk(self, index: int, records: Sequence[ImageRecord], attempt: int = 1) -> ChunkRecord:
         """Process chunk ``index`` (its images sorted by id) and commit it; returns its record.
@@ -162,14 +165,14 @@ class ChunkWorker:
             batch_imgs.append(image)
             batch_ids.append(rec.image_id)
             if len(batch_imgs) == bs:
-                t0 = time.perf_counter()
-                proposals.extend(self._run_model(batch_imgs, batch_ids))
-                model_s += time.perf_counter() - t0
+                out, seconds = self._run_model(batch_imgs, batch_ids)
+                proposals.extend(out)
+                model_s += seconds
                 batch_imgs, batch_ids = [], []
         if batch_imgs:
-            t0 = time.perf_counter()
-            proposals.extend(self._run_model(batch_imgs, batch_ids))
-            model_s += time.perf_counter() - t0
+            out, seconds = self._run_model(batch_imgs, batch_ids)
+            proposals.extend(out)
+            model_s += seconds
         del batch_imgs
         faults.maybe_inject(index)  # tests only: die or stall here, mid-chunk (the model has run)
         t0 = time.perf_counter()
