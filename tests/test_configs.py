@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from segdist.config import JobConfig, load_config, public_dict
-from segdist.errors import ConfigError
+from segdist.errors import ConfigError, StorageError
 from segdist.job import preflight, state
 from segdist.job.manifest import build_manifest
 
@@ -44,10 +44,13 @@ def test_generate_config_says_what_to_fill_in(path):
         assert cfg.model.weights == "DEFAULT"
         preflight.check_weights(cfg.model)
     else:
-        # DeepMask/SharpMask need the converted original (or a trained) checkpoint: the job says
-        # so before starting any worker.
-        with pytest.raises(ConfigError, match="model.weights is still the placeholder"):
-            preflight.check_weights(cfg.model)
+        # DeepMask/SharpMask load the original's published model.t7 (converted on load); weights
+        # that cannot be found stop the job before any worker starts.
+        kind = cfg.model.name.split("-")[0]
+        assert cfg.model.weights == f"https://dl.fbaipublicfiles.com/deepmask/models/{kind}/model.t7"
+        missing = cfg.model.model_copy(update={"weights": str(path.parent / "no-such-model.t7")})
+        with pytest.raises(StorageError, match="model.weights .* does not exist"):
+            preflight.check_weights(missing)
     assert cfg.dataset.format == ("coco" if stem.startswith("coco") else "voc")
     year = stem[3:7] if stem.startswith("voc") else stem[4:8]
     split = stem.split("-")[1]

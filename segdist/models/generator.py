@@ -88,20 +88,29 @@ def _dense_model(cfg: ModelConfig, kind: str):
     if cfg.weights == "DEFAULT" or ("/" not in cfg.weights and "." not in cfg.weights):
         raise ConfigError(
             f"model.weights={cfg.weights!r}: {cfg.name} has no downloadable weights enum; pass a "
-            "segdist checkpoint URI (train one with `segdist train`, or convert the original "
-            "model.t7 with `segdist convert-t7`), or leave it unset for random weights")
-    model, info = load_model(cfg.weights, cfg.storage_options)
-    if info.kind != kind:
-        if kind == "deepmask" and info.kind == "sharpmask":
+            "segdist checkpoint URI (train one with `segdist train`), the original's model.t7 "
+            "(converted on load; `segdist convert-t7` converts it once), or leave it unset for "
+            "random weights")
+    if cfg.weights.lower().endswith(".t7"):
+        # The original's released model.t7 (e.g. its published URL), converted on load.
+        from segdist.models.t7 import load_t7
+
+        converted, sha = load_t7(cfg.weights, cfg.storage_options)
+        model, loaded_kind, arch = converted.model, converted.kind, converted.settings["arch"]
+    else:
+        model, info = load_model(cfg.weights, cfg.storage_options)
+        loaded_kind, arch, sha = info.kind, info.config.arch, info.sha256
+    if loaded_kind != kind:
+        if kind == "deepmask" and loaded_kind == "sharpmask":
             log.info("%s: using the DeepMask inside SharpMask checkpoint %s", cfg.name, cfg.weights)
             model = model.deepmask
         else:
-            raise ConfigError(f"model.weights {cfg.weights} is a {info.kind} checkpoint; the "
+            raise ConfigError(f"model.weights {cfg.weights} is a {loaded_kind} checkpoint; the "
                               f"{cfg.name} preset needs a {kind} checkpoint")
-    if cfg.trunk is not None and cfg.trunk != info.config.arch:
+    if cfg.trunk is not None and cfg.trunk != arch:
         raise ConfigError(f"model.trunk={cfg.trunk} but checkpoint {cfg.weights} has a "
-                          f"{info.config.arch} trunk; leave model.trunk unset to use the checkpoint's")
-    return model.eval(), info.sha256
+                          f"{arch} trunk; leave model.trunk unset to use the checkpoint's")
+    return model.eval(), sha
 
 
 def build_generator(cfg: ModelConfig) -> ProposalGenerator:
