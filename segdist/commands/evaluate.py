@@ -98,7 +98,8 @@ def load_ground_truth(dataset: str, images: str | None, limit: int | None,
 def run(args: argparse.Namespace) -> int:
     from segdist.errors import ConfigError
     from segdist.evaluation.report import build_report, default_out, markdown_table, write_report
-    from segdist.evaluation.sharded import connect_ray, evaluate_proposals
+    from segdist.evaluation.sharded import evaluate_proposals
+    from segdist.ray_connect import connect_ray
     from segdist.storage import check_writable
 
     if args.names and len(args.names) != len(args.proposals):
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     coco_gt, info = load_ground_truth(args.dataset, args.images, args.limit, options)
     import ray
 
-    started = connect_ray(args.address, args.num_cpus)
+    started = connect_ray(args.address, args.num_cpus, num_gpus=0)
     try:
         runs = [evaluate_proposals(uri, coco_gt, iou_types=args.iou_types, max_dets=args.max_dets,
                                    storage_options=options, progress=not args.no_progress)

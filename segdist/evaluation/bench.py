@@ -160,7 +160,8 @@ def run_benchmark(n_images: int, n_proposals: int, single_images: int, workdir: 
     import ray
 
     from segdist.evaluation.metrics import coco_stats
-    from segdist.evaluation.sharded import connect_ray, evaluate_proposals
+    from segdist.evaluation.sharded import evaluate_proposals
+    from segdist.ray_connect import connect_ray
     from segdist.proposals.layout import write_chunk
     from segdist.proposals.store import open_proposals
 
@@ -206,7 +207,7 @@ def run_benchmark(n_images: int, n_proposals: int, single_images: int, workdir: 
             os.symlink(os.path.join(run_dir, "parquet", name), link)
     subset = list(open_proposals(subset_dir).iter_images())
     assert [p.image_id for p in subset] == ids
-    started = connect_ray(None, num_cpus)
+    started = connect_ray(None, num_cpus, num_gpus=0)
     try:
         out["ray_cpus"] = int(ray.cluster_resources().get("CPU", 0))
         # Warm-up: worker processes start and import once (not part of either number).

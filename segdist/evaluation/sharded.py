@@ -14,7 +14,6 @@ out: the driver reads it and hands out pieces of ``shard_images`` images instead
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from segdist.evaluation.groundtruth import ImageGT, coco_index, eval_image_ids, 
 from segdist.evaluation.protocol import IOU_TYPES
 from segdist.evaluation.recall import RecallCounts, count_images
 from segdist.proposals.types import ImageProposals
+from segdist.ray_connect import connect_ray
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +53,6 @@ class EvalRun:
     images_outside: int = 0
     seconds: float = 0.0
     manifest: dict[str, Any] | None = field(default=None)
-
-
-def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Join ``address`` (or RAY_ADDRESS) or start a local Ray on loopback; True if started here.
-
-    An already initialised Ray (a test session, a notebook) is used as it is.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local", never None: a stale cluster file in Ray's temp dir must not be joined silently.
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", log_to_driver=True)
-    return True
 
 
 # -- chunk readers: module-level functions, so that a task gets (function, arguments) by value ----
@@ -230,7 +210,7 @@ def evaluate_proposals(proposals_uri: str, coco_gt: Mapping[str, Any], *,
                                           boxes=(t == "bbox"), coco=coco)
     del coco
 
-    started = connect_ray(address, num_cpus)
+    started = connect_ray(address, num_cpus, num_gpus=0)
     try:
         gt_ref = ray.put(payload)
         task_read = ray.remote(num_cpus=1)(_task_read_and_evaluate)

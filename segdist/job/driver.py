@@ -34,6 +34,7 @@ from segdist.job.plan import plan_chunks
 from segdist.job.progress import JobProgress
 from segdist.job.worker import WorkerInfo, WorkerSettings
 from segdist.proposals.layout import chunk_name
+from segdist.ray_connect import connect_ray
 
 log = logging.getLogger("segdist.job")
 
@@ -70,28 +71,6 @@ class JobResult:
             lines.append(f"failed chunk {f.index} after {f.attempts} attempts: "
                          f"{f.errors[-1] if f.errors else '?'}")
         return "\n".join(lines)
-
-
-def connect_ray(address: str | None) -> bool:
-    """Join the cluster at ``address`` (or RAY_ADDRESS), or start an embedded local one.
-
-    Returns whether this call started Ray (and so should shut it down). A Ray already initialised in
-    this process (a test session, a notebook) is used as it is.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        log.info("joining the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
-    else:
-        # "local" (not None): never silently join a stale cluster left in Ray's temp dir.
-        log.info("starting an embedded local Ray cluster (pass --address to use a running one)")
-        ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=True)
-    return True
 
 
 def _worker_resources(cfg: JobConfig, n_chunks: int, embedded: bool) -> tuple[int, dict[str, Any]]:

@@ -303,7 +303,7 @@ class _Pool:
 def _collect(model, images: torch.Tensor, level: Level, tile: Tile, pools: list[_Pool],
              settings: InferenceSettings) -> None:
     """Run one tile of one level and offer its best cells to each image's pool."""
-    pad, f = model.cfg.i_sz // 2, model.cfg.f_sz
+    pad = model.cfg.i_sz // 2
     x = level_window(images, level, pad, tile.y0, tile.y1, tile.x0, tile.x1)
     if settings.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
