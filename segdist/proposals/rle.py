@@ -167,7 +167,9 @@ def _encode_with_pycocotools(masks: torch.Tensor) -> tuple[list[bytes], np.ndarr
     fortran = masks.view(torch.uint8).transpose(1, 2).contiguous().numpy().transpose(2, 1, 0)
     rles = mask_utils.encode(fortran)
     boxes = mask_utils.toBbox(rles).astype(np.float32).reshape(-1, 4)
-    areas = mask_utils.area(rles).astype(np.int64)
+    # Not mask_utils.area: with numpy 2 it raises OverflowError for 256+ masks (pycocotools sizes
+    # a temporary uint8 array by the mask count). The pixel count is the same number.
+    areas = masks.flatten(1).sum(1).numpy().astype(np.int64)
     return [r["counts"] for r in rles], boxes, areas
 
 
