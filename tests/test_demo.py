@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -66,6 +67,8 @@ def test_tiny_demo_writes_every_output_and_reports_cocoeval_numbers(ray_cluster,
             got = [summary["ar"][name][kind][f"AR@{m}"] for m in (10, 100, 1000)]
             assert got == pytest.approx(ref, abs=1e-9), (name, kind)
     overlay = np.asarray(Image.open(out / "overlay.png"))
-    first = val.images[0]
-    assert overlay.shape == (first.height, first.width, 3)
+    objects = Counter(a["image_id"] for a in val.coco_gt["annotations"])
+    shown = max(val.images, key=lambda r: (objects[r.image_id], -r.image_id))
+    k = 2 if max(shown.height, shown.width) < 256 else 1  # small images are enlarged
+    assert overlay.shape == (k * shown.height, k * (2 * shown.width + 6), 3)  # trained | untrained
     assert (out / "untrained.safetensors").is_file() and (out / "train" / "last.json").is_file()

@@ -5,7 +5,7 @@
 3. saves an *untrained* DeepMask of the same architecture (same seed as the trained one's start);
 4. generates proposals for the held-out images with both models through the Ray job;
 5. evaluates both (COCO average recall, class-agnostic, up to 1000 proposals per image);
-6. draws the trained model's top proposals over a held-out image (PNG) and prints the AR table.
+6. draws both models' top proposals over a held-out image (PNG) and prints the AR table.
 
 ``--large`` (alias ``--gpu``) runs the same pipeline much bigger, for a machine with a GPU.
 Every output lies under ``--out`` (default ./segdist-demo); the command ends by listing them.
@@ -51,8 +51,8 @@ class DemoPlan:
 
 # Chosen by experiment on 2 shared CPU cores (docs/benchmarks.md, "Training and the demo").
 SMALL = DemoPlan(images=400, val_fraction=0.1, min_side=128, max_side=192, max_objects=4,
-                 trunk="resnet18", i_sz=64, o_sz=32, batch_size=32, steps=240, lr=1e-3,
-                 optimizer="adamw", train_minutes=6.0, eval_patches=256,
+                 trunk="resnet18", i_sz=64, o_sz=32, batch_size=32, steps=320, lr=1e-3,
+                 optimizer="adamw", train_minutes=6.5, eval_patches=256,
                  scales=(-2.5, 1.0, 0.5), device="cpu", loader_workers=1, job_workers=2)
 LARGE = DemoPlan(images=4000, val_fraction=0.05, min_side=160, max_side=512, max_objects=8,
                  trunk="resnet50", i_sz=160, o_sz=56, batch_size=32, steps=20000, lr=1e-3,
@@ -97,6 +97,8 @@ def _abs(uri: str) -> str:
 
 def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = None) -> str:
     """Run the demo under ``out``; returns the printed report (also written to OUT/demo.txt)."""
+    import numpy as np
+
     from segdist.config import DatasetConfig, JobConfig, ModelConfig, OutputConfig, \
         ResourcesConfig, ScalesConfig, validate
     from segdist.data import load_dataset
@@ -190,10 +192,19 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
 
             ray.shutdown()
 
-    # 5. overlay ---------------------------------------------------------------------------------
-    store = open_proposals(join(out, "proposals", "trained"))
-    first = val.images[0]
-    overlay = draw_proposals(read_image(first.uri), store.get(first.image_id), top=5)
+    # 5. overlay: trained (left) and untrained (right) top proposals on the held-out image with
+    # the most objects, enlarged 2x when small --------------------------------------------------
+    counts: dict[int, int] = {}
+    for a in val.coco_gt["annotations"]:
+        counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
+    first = max(val.images, key=lambda r: (counts.get(r.image_id, 0), -r.image_id))
+    image = read_image(first.uri)
+    panels = [draw_proposals(image, open_proposals(join(out, "proposals", name)).get(first.image_id),
+                             top=5) for name in ("trained", "untrained")]
+    gap = np.full((image.shape[0], 6, 3), 255, np.uint8)
+    overlay = np.concatenate([panels[0], gap, panels[1]], axis=1)
+    if max(image.shape[:2]) < 256:
+        overlay = overlay.repeat(2, axis=0).repeat(2, axis=1)
     overlay_uri = join(out, "overlay.png")
     atomic_write(overlay_uri, encode_png(overlay))
 
@@ -227,7 +238,8 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         f"  trained model      {trained_uri}",
         f"  untrained model    {untrained_uri}",
         f"  proposals          {join(out, 'proposals', 'trained')}, {join(out, 'proposals', 'untrained')}",
-        f"  overlay            {overlay_uri} (top 5 proposals of image {first.image_id})",
+        f"  overlay            {overlay_uri} (top 5 proposals of image {first.image_id}: "
+        "trained left, untrained right)",
         f"  numbers            {join(out, 'demo.json')}",
     ]
     report = "\n".join(lines)
