@@ -231,3 +231,15 @@ def test_encode_masks_backends_agree():
     np.testing.assert_array_equal(got[2], want[2])
     assert got[1].dtype == np.float32 and got[2].dtype == np.int64
     assert rle.encode_masks(torch.zeros(0, 3, 4, dtype=torch.bool))[0] == []
+
+
+def test_encode_masks_cpu_path_with_many_masks():
+    # A chunk of 1000 proposals per image: pycocotools.mask.area overflows for 256+ masks under
+    # numpy 2, so the CPU path must not depend on it (regression).
+    rng = np.random.default_rng(11)
+    masks = rng.random((300, 9, 7)) < 0.4
+    counts, boxes, areas = rle.encode_masks(torch.from_numpy(masks))
+    want = rle.encode_with_boxes(torch.from_numpy(masks))
+    assert counts == want[0]
+    np.testing.assert_array_equal(boxes, want[1])
+    np.testing.assert_array_equal(areas, masks.reshape(300, -1).sum(1))
