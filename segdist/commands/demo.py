@@ -149,7 +149,7 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         "device": plan.device, "seed": seed, "log_every": 20,
     }, "demo training config")
     log.info("training a %s DeepMask (i_sz %d) for %d steps of %d windows (%s torch threads), "
-             "at most %.0f min", plan.trunk, plan.i_sz, cfg.total_steps, plan.batch_size,
+             "at most %.1f min", plan.trunk, plan.i_sz, cfg.total_steps, plan.batch_size,
              threads or "default", plan.train_minutes)
     untrained_uri = join(out, "untrained.safetensors")
     save_checkpoint(build_model(cfg), untrained_uri, {"note": "the trained run's initial weights"})
