@@ -106,7 +106,8 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
     from segdist.evaluation.metrics import summarize
     from segdist.evaluation.sharded import evaluate_proposals
     from segdist.imageio import read_image
-    from segdist.job.driver import connect_ray, run_job
+    from segdist.job.driver import run_job
+    from segdist.ray_connect import connect_ray
     from segdist.models.checkpoint import save_checkpoint
     from segdist.proposals.store import open_proposals
     from segdist.storage import atomic_write, exists, join

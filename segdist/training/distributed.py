@@ -85,7 +85,7 @@ def train_on_ray(cfg: TrainConfig, *, address: str | None = None, name: str = "s
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from segdist.job.driver import connect_ray
+    from segdist.ray_connect import connect_ray
 
     preflight(cfg)
     connect_ray(address)
