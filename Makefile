@@ -23,8 +23,8 @@ install-test: $(VENV)/bin/activate
 demo: install
 	$(VENV)/bin/segdist demo
 
+# pytest exits 5 when it collected no tests: not a failure of the code.
 test: install-test
-	# pytest exits 5 when it collected no tests: not a failure of the code
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 clean:

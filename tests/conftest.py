@@ -68,3 +68,18 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module, restored afterwards.
+
+    The CI machine's 2 cores are shared with Ray workers and servers; with more torch threads than
+    free cores every small op waits on the thread pool (measured 15x slower here).
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

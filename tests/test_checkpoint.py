@@ -17,13 +17,7 @@ from segdist.models.sharpmask import SharpMask
 from segdist.storage import atomic_write, read_bytes
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the CI machine's cores are shared (see test_inference.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _deepmask(seed: int = 0, **kw) -> DeepMask:

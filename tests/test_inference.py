@@ -24,14 +24,7 @@ PRESETS = ["deepmask", "deepmask-zoom", "deepmask-zoom2", "sharpmask", "sharpmas
            "sharpmask-zoom2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the CI machine's cores are shared, and with more threads than free
-    cores every small op waits on its thread pool (15x slower measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -------------------------------------------------------------------------------------------------

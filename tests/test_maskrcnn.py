@@ -18,13 +18,7 @@ from segdist.models.weights import hub_cache_file
 SMALL = dict(min_size=128, max_size=160, rpn_post_nms_top_n_test=200)  # cheap on CPU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the CI machine's cores are shared (see test_inference.py)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

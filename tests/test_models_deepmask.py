@@ -14,14 +14,7 @@ from segdist.models.layers import FrozenAffine, SymmetricPad2d, SymPadConv2d, sy
 from segdist.models.trunk import build_trunk, load_imagenet_trunk
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """One intra-op thread: the CI machine's cores are shared, and with more threads than free
-    cores every small op waits on its thread pool (15x slower measured here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("pad", [(1, 1, 1, 1), (3, 3, 3, 3), (2, 0, 5, 1), (7, 4, 0, 9)])

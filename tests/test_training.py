@@ -18,13 +18,7 @@ from segdist.training.patch_eval import evaluate_patches
 from segdist.training.trainer import build_model, fit, make_sampler
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread in the test process too (restored after each test)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
