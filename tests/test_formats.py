@@ -133,6 +133,18 @@ def test_write_chunk_rejects_bad_chunks(tmp_path):
     assert not os.listdir(tmp_path)  # validation happens before anything is written
 
 
+@pytest.mark.parametrize("size", [(0, 0), (0, 10), (10, 0)])
+def test_write_chunk_rejects_masks_of_a_zero_size_image(tmp_path, size):
+    # A mask of a 0-pixel image is meaningless (its RLE is empty); such a chunk would read back and
+    # only fail later, far from the cause. Box-only images keep 0 x 0 (size unknown, bbox results).
+    empty = ImageProposals(4, *size, [0.5], [[0, 0, 0, 0]], [b""], "m")
+    with pytest.raises(ValueError, match=r"image 4: .*size"):
+        layout.write_chunk(str(tmp_path), 0, [empty], BOTH)
+    assert not os.listdir(tmp_path)
+    boxonly = ImageProposals(5, 0, 0, [0.5], [[1, 1, 2, 2]], None, "m")
+    layout.write_chunk(str(tmp_path), 0, [boxonly], BOTH)
+
+
 # ---------------------------------------------------------------------------------------------
 # Round trips
 

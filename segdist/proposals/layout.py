@@ -77,6 +77,9 @@ def _check_chunk(proposals: Sequence[ImageProposals]) -> bool:
             raise ValueError(f"image {p.image_id}: proposals must be sorted by descending score")
         if p.height < 0 or p.width < 0:
             raise ValueError(f"image {p.image_id}: negative size {p.height}x{p.width}")
+        if p.counts is not None and len(p) and (p.height < 1 or p.width < 1):
+            raise ValueError(f"image {p.image_id}: masks need a positive image size, got "
+                             f"{p.height}x{p.width}")
     # A chunk of images without any proposal writes the segm file too (an empty list), so that
     # chunk_committed(masks=True) of a mask model holds for it.
     return with_masks.pop() if with_masks else True
