@@ -286,3 +286,36 @@ def test_worker_resources_follow_the_cluster_and_the_config(ray_cluster, tmp_pat
     # An embedded cluster never gets a GPU: say so instead of waiting forever.
     with pytest.raises(ConfigError, match="no GPU"):
         _worker_resources(gpu, 10, embedded=True)
+
+
+def _fake_commit(out: str, index: int, image_ids: list[int], failed: list[int] = ()) -> None:
+    name = layout.chunk_name(index)
+    Path(out, "parquet").mkdir(parents=True, exist_ok=True)
+    Path(out, "parquet", name + ".parquet").write_bytes(b"x")
+    rec = state.ChunkRecord(index=index, name=name, image_ids=image_ids, proposals=0,
+                            files={"parquet": {"path": f"parquet/{name}.parquet", "bytes": 1}},
+                            failed=[{"image_id": i, "file_name": "f", "uri": "u", "reason": "r"}
+                                    for i in failed])
+    Path(state.chunk_record_uri(out, index)).parent.mkdir(parents=True, exist_ok=True)
+    Path(state.chunk_record_uri(out, index)).write_bytes(rec.to_json())
+
+
+def test_resume_redoes_a_chunk_whose_record_covers_other_images(tmp_path):
+    # The dataset behind the same URI changed since the first run: chunk 0 used to hold images
+    # [1, 2, 3] (its last chunk was short); the plan now puts [1, 2, 3, 4] in it.
+    out = str(tmp_path / "out")
+    _fake_commit(out, 0, [1, 2], failed=[3])
+    _fake_commit(out, 1, [5, 6, 7, 8])
+    plan = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert sorted(state.committed_chunks(out, 2, None)) == [0, 1]  # without the plan: by name only
+    assert sorted(state.committed_chunks(out, 2, None, plan)) == [1]
+    assert sorted(state.committed_chunks(out, 2, None, [[1, 2, 3], [5, 6, 7, 8]])) == [0, 1]
+
+
+def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
+    # The dataset shrank: chunk 2's files would stay in the output beside the new plan's chunks.
+    out = str(tmp_path / "out")
+    for i in range(3):
+        _fake_commit(out, i, [4 * i + k for k in range(4)])
+    with pytest.raises(SegdistError, match="chunk-000002.json.*fewer images.*--overwrite"):
+        state.committed_chunks(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]])

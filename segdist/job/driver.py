@@ -169,7 +169,7 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
                                  created=started)
         state.write_run_record(out, record, opts)
 
-    committed = state.committed_chunks(out, len(plan), opts)
+    committed = state.committed_chunks(out, len(plan), opts, [c.image_ids for c in plan])
     todo = [c for c in plan if c.index not in committed]
     skipped_images = sum(r.images + len(r.failed) for r in committed.values())
     if committed:

@@ -18,16 +18,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from segdist import storage
 from segdist.config import JobConfig
-from segdist.errors import StorageError
+from segdist.errors import SegdistError, StorageError
 from segdist.proposals import layout
+
+log = logging.getLogger(__name__)
 
 STATE_DIR = "_segdist"
 RUN_FILE = "run.json"
@@ -166,13 +169,27 @@ class ChunkRecord:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def committed_chunks(out_uri: str, n_chunks: int,
-                     storage_options: Mapping[str, Any] | None) -> dict[int, ChunkRecord]:
+def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, Any] | None,
+                     plan_ids: Sequence[Sequence[int]] | None = None) -> dict[int, ChunkRecord]:
     """Chunks of this plan that a previous run committed: a record exists and all its files do.
+
+    With ``plan_ids`` (the image ids of each chunk of the plan), a record also has to cover exactly
+    its chunk's images (written or recorded as failed): the dataset behind the same URI may have
+    changed since, and a chunk of other images is redone rather than skipped. A record of a chunk
+    beyond the plan (the dataset shrank) is refused: its files would stay in the output.
 
     Lists each folder once instead of probing every file (thousands of HEAD requests on S3).
     """
     names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
+    if plan_ids is not None:
+        wanted_names = {layout.chunk_name(i) + ".json" for i in range(n_chunks)}
+        beyond = sorted(n for n in names if n.startswith("chunk-") and n.endswith(".json")
+                        and n not in wanted_names)
+        if beyond:
+            raise SegdistError(
+                f"{out_uri} holds chunks beyond this run's {n_chunks} chunks ({', '.join(beyond[:3])}"
+                f"{', ...' if len(beyond) > 3 else ''}): the dataset has fewer images than when the "
+                "output was started. Use a new output.uri, or pass --overwrite to replace them.")
     wanted = [i for i in range(n_chunks) if layout.chunk_name(i) + ".json" in names]
     if not wanted:
         return {}
@@ -184,6 +201,11 @@ def committed_chunks(out_uri: str, n_chunks: int,
         if raw is None:
             continue
         rec = ChunkRecord.from_dict(raw)
+        if plan_ids is not None and (sorted([*rec.image_ids, *(f["image_id"] for f in rec.failed)])
+                                     != sorted(plan_ids[i])):
+            log.warning("%s: its record lists other images than this run's plan (the dataset "
+                        "changed since); redoing it", rec.name)
+            continue
         ok = True
         for info in rec.files.values():
             folder, base = posixpath.split(info["path"])
