@@ -319,3 +319,21 @@ def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
         _fake_commit(out, i, [4 * i + k for k in range(4)])
     with pytest.raises(SegdistError, match="chunk-000002.json.*fewer images.*--overwrite"):
         state.committed_chunks(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]])
+
+
+def test_overwrite_clears_only_the_jobs_own_files(tmp_path):
+    out = tmp_path / "out"
+    _fake_commit(str(out), 0, [1, 2])
+    (out / "coco-json").mkdir()
+    (out / "coco-json" / "chunk-000000.bbox.json").write_text("[]")
+    (out / "parquet" / ".tmp-chunk-000001.parquet.abc123").write_bytes(b"x")  # a killed writer's
+    (out / "manifest.json").write_text("{}")
+    (out / "parquet" / "notes.txt").write_text("mine")  # not the job's
+    (out / "coco-json" / "val2017.json").write_text("{}")
+    (out / "eval").mkdir()
+    (out / "eval" / "eval.json").write_text("{}")
+
+    state.clear_output(str(out), None)
+
+    left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert left == ["coco-json/val2017.json", "eval/eval.json", "parquet/notes.txt"]

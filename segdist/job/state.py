@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from segdist.errors import SegdistError, StorageError
 from segdist.proposals import layout
 
 log = logging.getLogger(__name__)
+_CHUNK_FILE = re.compile(r"^(\.tmp-)?chunk-\d{6,}\.")
 
 STATE_DIR = "_segdist"
 RUN_FILE = "run.json"
@@ -226,11 +228,22 @@ def has_proposal_files(out_uri: str, storage_options: Mapping[str, Any] | None) 
 
 
 def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Remove what a job writes (chunk files, records, manifest) and nothing else under ``out_uri``."""
+    """Remove what a job writes (chunk files, records, manifest) and nothing else under ``out_uri``.
+
+    In the format folders only chunk files (and temporary files a killed writer left) go: other
+    files there are not the job's.
+    """
     fs, _ = storage.url_to_fs(out_uri, storage_options)
-    for part in (MANIFEST, STATE_DIR, layout.PARQUET_DIR, layout.COCO_DIR):
+    for part in (MANIFEST, STATE_DIR):
         _, path = storage.url_to_fs(storage.join(out_uri, part), storage_options)
         with contextlib.suppress(FileNotFoundError):
             if fs.exists(path):
                 fs.rm(path, recursive=True)
+    for folder in (layout.PARQUET_DIR, layout.COCO_DIR):
+        uri = storage.join(out_uri, folder)
+        for name in sorted(_list_names(uri, storage_options)):
+            if _CHUNK_FILE.match(name):
+                _, path = storage.url_to_fs(storage.join(uri, name), storage_options)
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(path)
     fs.invalidate_cache()
