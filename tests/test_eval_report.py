@@ -222,3 +222,25 @@ def test_cli_voc_config_segments_only_where_segmented(ray_cluster, tmp_path):
         gt = prepare_ground_truth(gt_dict, ids_t, segments=t == "segm")
         assert run[t]["metrics"] == summarize(count_images(gt, props, ids_t, t))["metrics"]
         assert 0.5 < run[t]["metrics"]["AR@100"] < 1.0  # all but the second image's objects
+
+
+def test_cli_limit_evaluates_the_first_images_of_a_full_run(ray_cluster, tmp_path, capsys):
+    """The papers' protocol: proposals exist for every image, --limit N evaluates the first N ids.
+    Proposals for the images after the limit are outside the selection (ignored), not an error."""
+    gt_dict, props = hard_case(2, n_images=10)
+    (tmp_path / "gt.json").write_text(json.dumps(gt_dict))
+    ids = sorted(props)
+    for k in range(0, len(ids), 4):
+        write_chunk(str(tmp_path / "run"), k // 4, [props[i] for i in ids[k:k + 4]], ["parquet"])
+    rc = main(["evaluate", "--proposals", str(tmp_path / "run"), "--dataset",
+               str(tmp_path / "gt.json"), "--limit", "5", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    doc = json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())
+    assert doc["dataset"]["images"] == 5
+    first = sorted(im["id"] for im in gt_dict["images"])[:5]
+    for t in ("segm", "bbox"):
+        ids_t = eval_image_ids(gt_dict, t, first)
+        gt = prepare_ground_truth(gt_dict, ids_t, segments=t == "segm")
+        expect = summarize(count_images(gt, props, ids_t, t))["metrics"]
+        assert doc["runs"][0][t]["metrics"] == expect

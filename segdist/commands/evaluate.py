@@ -61,8 +61,24 @@ def _storage_options(text: str | None) -> dict[str, Any]:
 
 
 def load_ground_truth(dataset: str, images: str | None, limit: int | None,
-                      storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(coco_gt, info)`` from a config YAML (its ``dataset`` section) or an annotations URI."""
+                      storage_options: dict[str, Any]
+                      ) -> tuple[dict[str, Any], dict[str, Any], list[int] | None]:
+    """``(coco_gt, info, image_ids)`` from a config YAML (its ``dataset`` section) or an
+    annotations URI.
+
+    ``limit`` selects the first ``limit`` image ids (``image_ids``; None without a limit) but keeps
+    the whole ground truth: proposals of the images after the limit (a run over the full split, the
+    papers' protocol) are then outside the evaluated selection, not images of another dataset.
+    """
+    coco_gt, info = _load(dataset, images, storage_options)
+    if not limit:
+        return coco_gt, info, None
+    ids = sorted(int(im["id"]) for im in coco_gt.get("images", []))[:limit]
+    return coco_gt, {**info, "images": len(ids)}, ids
+
+
+def _load(dataset: str, images: str | None,
+          storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     import yaml
 
     from segdist.config import DatasetConfig, validate
@@ -80,8 +96,6 @@ def load_ground_truth(dataset: str, images: str | None, limit: int | None,
         section = dict(raw.get("dataset", raw))
         if images:
             section["images"] = images
-        if limit:
-            section["limit"] = limit
         if storage_options and not section.get("storage_options"):
             section["storage_options"] = storage_options
         cfg = validate(DatasetConfig, section, dataset)
@@ -90,8 +104,7 @@ def load_ground_truth(dataset: str, images: str | None, limit: int | None,
                             "images": len(ds)}
     from segdist.data.coco import load_coco
 
-    ds = load_coco(dataset, images or posixpath.dirname(dataset.rstrip("/")), storage_options,
-                   limit=limit)
+    ds = load_coco(dataset, images or posixpath.dirname(dataset.rstrip("/")), storage_options)
     return ds.coco_gt, {"name": ds.name, "source": dataset, "format": "coco", "images": len(ds)}
 
 
@@ -113,12 +126,13 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or default_out(args.proposals[0])
     check_writable(out, options)  # fail before the work, not after it
 
-    coco_gt, info = load_ground_truth(args.dataset, args.images, args.limit, options)
+    coco_gt, info, image_ids = load_ground_truth(args.dataset, args.images, args.limit, options)
     import ray
 
     started = connect_ray(args.address, args.num_cpus, num_gpus=0)
     try:
-        runs = [evaluate_proposals(uri, coco_gt, iou_types=args.iou_types, max_dets=args.max_dets,
+        runs = [evaluate_proposals(uri, coco_gt, image_ids=image_ids, iou_types=args.iou_types,
+                                   max_dets=args.max_dets,
                                    storage_options=options, progress=not args.no_progress)
                 for uri in args.proposals]
     finally:
