@@ -72,6 +72,23 @@ def test_logit_is_finite_and_order_preserving():
     np.testing.assert_allclose(1 / (1 + np.exp(-z[2:4].astype(np.float64))), s[2:4], rtol=1e-6)
 
 
+def test_logit_keeps_distinct_scores_distinct_and_ties_tied():
+    # Below 0.25, neighbouring float32 scores can round to the same float32 logit (e.g. 0.24999511
+    # and the next float32 below it); Detectron2's re-sort would then be free to swap them.
+    s = np.unique(np.random.default_rng(0).random(200_000).astype(np.float32) / 4)[::-1]
+    s = np.concatenate([s, [s[-1]], np.nextafter(s[-1:], np.float32(0))]).astype(np.float32)
+    collide = [np.float32(0.24999511), np.nextafter(np.float32(0.24999511), np.float32(0))]
+    s = np.sort(np.concatenate([collide, s]).astype(np.float32))[::-1]
+    z = logit(s)
+    assert z.dtype == np.float32
+    strict = s[1:] < s[:-1]
+    assert (~strict).sum() == 1  # one tie
+    assert (z[1:][strict] < z[:-1][strict]).all()
+    assert (z[1:][~strict] == z[:-1][~strict]).all()  # equal scores, equal logits
+    np.testing.assert_allclose(1 / (1 + np.exp(-z.astype(np.float64))), s, rtol=1e-6)
+    assert logit(np.zeros(0, np.float32)).shape == (0,)
+
+
 def test_detectron2_round_trip(run, tmp_path):
     out, props = run
     store = open_proposals(out)

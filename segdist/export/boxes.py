@@ -23,8 +23,21 @@ _EPS_HIGH = 2.0 ** -26
 def logit(scores: np.ndarray) -> np.ndarray:
     """float32[N] ``log(s / (1 - s))`` of float32[N] probabilities, computed in float64.
 
-    Strictly increasing in the score except where float32 rounding of the result makes two very
-    close scores equal; 0 and 1 map to finite values (about -110.9 and 18.0).
+    Strictly increasing in the score over the array: equal scores get equal logits, and where
+    float32 rounding would give two different scores the same logit (neighbouring float32 scores
+    below about 0.25), the larger score's logit is moved up by float32 steps until it is larger,
+    so sorting by logit gives the order of the scores. 0 and 1 map to finite values (about -110.9
+    and 18.0).
     """
-    s = np.clip(np.asarray(scores, dtype=np.float64), _EPS_LOW, 1.0 - _EPS_HIGH)
-    return (np.log(s) - np.log1p(-s)).astype(np.float32)
+    s = np.clip(np.asarray(scores, dtype=np.float64).reshape(-1), _EPS_LOW, 1.0 - _EPS_HIGH)
+    z = (np.log(s) - np.log1p(-s)).astype(np.float32)
+    if len(z) < 2:
+        return z
+    values, inverse = np.unique(s, return_inverse=True)  # ascending, distinct
+    zu = (np.log(values) - np.log1p(-values)).astype(np.float32)
+    while True:  # collisions are rare and isolated: a few passes at most
+        bad = np.flatnonzero(zu[1:] <= zu[:-1]) + 1
+        if not len(bad):
+            break
+        zu[bad] = np.nextafter(zu[bad - 1], np.float32(np.inf))
+    return zu[inverse.reshape(-1)]
