@@ -129,6 +129,9 @@ class ResourcesConfig(_Strict):
     decode_threads: int = Field(default=4, ge=1)
     max_chunk_attempts: int = Field(default=3, ge=1)
     max_actor_restarts: int = Field(default=3, ge=0)
+    # None: no limit. Else the seconds a chunk may run on a worker (from when it is the worker's
+    # oldest chunk in flight) before the driver kills the worker, replaces it and retries the chunk.
+    chunk_timeout_s: float | None = Field(default=None, gt=0)
     # None: GPU workers if the cluster has GPUs when the job starts; true: GPU workers even if no GPU
     # node is up yet (an autoscaling cluster scales them up); false: CPU workers.
     use_gpus: bool | None = None

@@ -124,3 +124,25 @@ def test_driver_killed_mid_run_then_rerun_skips_committed_chunks(ray_cluster, tm
             assert after[name] == t, name  # committed chunks were not rewritten
     _every_image_once(out, _ids(data))
     assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
+
+
+def test_hung_worker_is_killed_after_chunk_timeout_and_its_chunk_retried(ray_cluster, tmp_path,
+                                                                         monkeypatch):
+    data = make_data(str(tmp_path / "data"), 6)
+    out = str(tmp_path / "out")
+    marker = tmp_path / "hung-once"
+    # The first attempt at chunk 1 stalls forever (after the model ran); the retry goes through.
+    monkeypatch.setenv(faults.ENV_VAR, f"hang@1:{marker}")
+    cfg = job_config(data, out, num_workers=1, chunk_timeout_s=3)
+
+    t0 = time.monotonic()
+    result = run_job(cfg, progress=False)
+
+    assert marker.exists()  # the fault did fire
+    assert time.monotonic() - t0 < 60
+    assert result.complete and result.chunks_written == 2 and not result.chunks_failed
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["timings"]["workers_replaced"] == 1 and manifest["timings"]["failed_attempts"] == 1
+    assert json.loads(Path(state.chunk_record_uri(out, 1)).read_text())["attempt"] == 2
+    _every_image_once(out, _ids(data))
+    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))

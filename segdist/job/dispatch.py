@@ -15,6 +15,9 @@ which chunk was lost with it. Here the driver keeps the queue itself:
   attempt counted, and is then retried *solo* (alone on its worker), so an innocent chunk loses at
   most one attempt to a poisonous neighbour.
 
+- with ``chunk_timeout_s``, a worker whose oldest chunk in flight has run that long (a hung GPU or
+  read) is killed and replaced the same way; the chunk gets a failed attempt.
+
 Retried chunks rewrite the same deterministic files atomically, so a retry never duplicates output.
 """
 
@@ -65,6 +68,8 @@ class _Slot:
     replacements: int = 0
     inflight: set[int] = field(default_factory=set)
     solo: bool = False  # running a chunk that must not share the worker
+    order: list[Any] = field(default_factory=list)  # task refs in flight, oldest first
+    head_since: float = 0.0  # since when order[0] is the oldest (the one the timeout clocks)
 
 
 def _short(exc: BaseException) -> str:
@@ -89,6 +94,9 @@ class Dispatcher:
         on_first_worker: called with the first worker's WorkerInfo before any chunk is sent (the
             driver checks the model identity there; an exception aborts the run).
         on_done / on_failed_attempt / on_tick: progress callbacks.
+        chunk_timeout_s: None, or the seconds a worker's oldest chunk in flight may run before the
+            worker is killed and replaced (the chunk gets a failed attempt, the worker's other
+            chunks are requeued without one).
     """
 
     def __init__(self, settings: WorkerSettings, num_workers: int, actor_options: dict[str, Any],
@@ -97,7 +105,7 @@ class Dispatcher:
                  on_done: Callable[[ChunkRecord], None] | None = None,
                  on_failed_attempt: Callable[[int, str, bool], None] | None = None,
                  on_tick: Callable[[], None] | None = None,
-                 tick_seconds: float = 0.5):
+                 tick_seconds: float = 0.5, chunk_timeout_s: float | None = None):
         self.settings = settings
         self.num_workers = num_workers
         self.depth = max(1, depth)
@@ -110,6 +118,7 @@ class Dispatcher:
         self.on_failed_attempt = on_failed_attempt
         self.on_tick = on_tick
         self.tick_seconds = tick_seconds
+        self.chunk_timeout_s = chunk_timeout_s
         self.stats = DispatchStats()
         self._remote = ray.remote(ChunkWorker)
         self._slots: list[_Slot] = []
@@ -123,6 +132,7 @@ class Dispatcher:
         slot.ready = False
         slot.inflight = set()
         slot.solo = False
+        slot.order = []
         self.stats.workers_started += 1
         info_refs[slot.actor.info.remote()] = (slot, slot.generation)
 
@@ -187,6 +197,8 @@ class Dispatcher:
 
         try:
             while queue or task_refs:
+                if self.chunk_timeout_s is not None:  # after the last results were taken in
+                    self._kill_timed_out(task_refs, info_refs, queue, attempt_failed)
                 # Hand out work: solo chunks only to an idle worker, which then takes nothing else.
                 for slot in self._slots:
                     while slot.ready and not slot.retired and not slot.solo and queue \
@@ -201,6 +213,9 @@ class Dispatcher:
                         ref = slot.actor.process_chunk.remote(index, specs[index].records,
                                                               attempts[index] + 1)
                         task_refs[ref] = (slot, slot.generation, index)
+                        if not slot.order:
+                            slot.head_since = time.monotonic()
+                        slot.order.append(ref)
                 if all(s.retired for s in self._slots):
                     for index in list(queue):
                         attempts[index] = max(attempts[index], 1)
@@ -232,6 +247,9 @@ class Dispatcher:
                     current = generation == slot.generation
                     if current:
                         slot.inflight.discard(index)
+                        if slot.order and slot.order[0] == ref:
+                            slot.head_since = time.monotonic()
+                        slot.order = [r for r in slot.order if r != ref]
                     try:
                         record = ray.get(ref)
                     except RayTaskError as exc:  # the chunk failed, the worker is fine
@@ -261,6 +279,29 @@ class Dispatcher:
         finally:
             self.shutdown()
         return done, failed
+
+    def _kill_timed_out(self, task_refs: dict, info_refs: dict, queue: deque,
+                        attempt_failed: Callable[[int, str], None]) -> None:
+        """Kill and replace each worker whose oldest chunk has run past ``chunk_timeout_s``.
+
+        The worker's oldest chunk gets a failed attempt; the others it held go back to the front
+        of the queue without one (they were waiting behind it, not at fault).
+        """
+        now = time.monotonic()
+        for slot in self._slots:
+            if not slot.order or now - slot.head_since <= self.chunk_timeout_s:
+                continue
+            hung = task_refs[slot.order[0]][2]
+            for ref in slot.order:
+                _, _, index = task_refs.pop(ref)
+                if index != hung:
+                    queue.appendleft(index)
+            reason = (f"chunk {hung} timed out after {now - slot.head_since:.0f} s "
+                      f"(resources.chunk_timeout_s={self.chunk_timeout_s:g})")
+            slot.order = []
+            slot.inflight = set()
+            self._worker_lost(slot, reason, info_refs)
+            attempt_failed(hung, reason)
 
     def _handle_info(self, ref, info_refs: dict) -> None:
         slot, generation = info_refs.pop(ref)

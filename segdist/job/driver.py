@@ -219,7 +219,8 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
             dispatcher = Dispatcher(
                 wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
                 max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
-                on_done=chunk_done, on_failed_attempt=attempt_failed, on_tick=bar.tick)
+                on_done=chunk_done, on_failed_attempt=attempt_failed, on_tick=bar.tick,
+                chunk_timeout_s=cfg.resources.chunk_timeout_s)
             done, failures = dispatcher.run(todo)
             dispatch_stats = dispatcher.stats
         finally:

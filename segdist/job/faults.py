@@ -7,6 +7,8 @@ Set ``SEGDIST_TEST_FAULT`` in the driver's environment (the driver forwards it t
   ``/tmp/marker`` dies, so the retry of chunk 12 succeeds.
 - ``exit@12``              every attempt at chunk 12 kills its worker (a chunk that keeps failing).
 - ``hang@12``              the worker stalls forever at chunk 12 (to interrupt a driver mid-run).
+- ``hang@12:/tmp/marker``  the attempt that creates the marker stalls forever, later ones go through
+  (a hung worker that ``resources.chunk_timeout_s`` kills and replaces).
 
 This is the only way to kill a worker at a known point of its work from outside without races;
 nothing reads the variable unless it is set.
