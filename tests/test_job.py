@@ -337,3 +337,19 @@ def test_overwrite_clears_only_the_jobs_own_files(tmp_path):
 
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert left == ["coco-json/val2017.json", "eval/eval.json", "parquet/notes.txt"]
+
+
+def test_run_record_settings_hold_no_credentials(tmp_path):
+    secret = "wJalrXUtnFEMI-K7MDENG-SECRET"
+    cfg = validate(JobConfig, {
+        "dataset": {"format": "coco", "annotations": "s3://b/a.json", "images": "s3://b/img",
+                    "storage_options": {"secret": secret}},
+        "model": {**TINY_MODEL, "weights": "s3://b/w.safetensors",
+                  "storage_options": {"key": "AKIA", "secret": secret}},
+        "output": {"uri": str(tmp_path / "out"), "storage_options": {"secret": secret}},
+    })
+    settings = state.output_settings(cfg)
+    assert secret not in json.dumps(settings)
+    record = state.RunRecord(fingerprint=state.fingerprint(settings), settings=settings)
+    state.write_run_record(str(tmp_path / "out"), record, None)
+    assert secret not in Path(tmp_path, "out", "_segdist", "run.json").read_text()

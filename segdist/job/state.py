@@ -61,7 +61,9 @@ def relative_to(out_uri: str, uri: str) -> str:
 def output_settings(cfg: JobConfig) -> dict[str, Any]:
     """The parts of a config that determine the bytes of the output (no credentials, no resources)."""
     dataset = cfg.dataset.model_dump(mode="json", exclude={"storage_options"})
-    model = cfg.model.model_dump(mode="json", exclude=set(_EXECUTION_ONLY_MODEL_FIELDS))
+    # storage_options: credentials for the weights file; they never go into the run record.
+    model = cfg.model.model_dump(mode="json",
+                                 exclude={*_EXECUTION_ONLY_MODEL_FIELDS, "storage_options"})
     output = cfg.output.model_dump(mode="json", include={"formats", "chunk_size", "gzip"})
     return {"dataset": dataset, "model": model, "output": output}
 
