@@ -243,9 +243,9 @@ def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> Non
                 fs.rm(path, recursive=True)
     for folder in (layout.PARQUET_DIR, layout.COCO_DIR):
         uri = storage.join(out_uri, folder)
-        for name in sorted(_list_names(uri, storage_options)):
-            if _CHUNK_FILE.match(name):
-                _, path = storage.url_to_fs(storage.join(uri, name), storage_options)
-                with contextlib.suppress(FileNotFoundError):
-                    fs.rm_file(path)
+        paths = [storage.url_to_fs(storage.join(uri, name), storage_options)[1]
+                 for name in sorted(_list_names(uri, storage_options)) if _CHUNK_FILE.match(name)]
+        if paths:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(paths)  # one bulk delete per request batch on object stores
     fs.invalidate_cache()
