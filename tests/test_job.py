@@ -353,3 +353,25 @@ def test_run_record_settings_hold_no_credentials(tmp_path):
     record = state.RunRecord(fingerprint=state.fingerprint(settings), settings=settings)
     state.write_run_record(str(tmp_path / "out"), record, None)
     assert secret not in Path(tmp_path, "out", "_segdist", "run.json").read_text()
+
+
+def test_embedded_ray_refuses_workers_bigger_than_the_machine(ray_cluster, tmp_path, monkeypatch):
+    import ray
+
+    from segdist.errors import ConfigError
+    from segdist.job.driver import _worker_resources
+
+    data = {"annotations": "a.json", "images": "imgs"}
+    # The session cluster has 4 CPUs: an 8-CPU worker could never be scheduled on it.
+    big = job_config(data, str(tmp_path), num_workers=1, cpus_per_worker=8)
+    with pytest.raises(ConfigError, match="8 CPUs.*cpus_per_worker.*has 4"):
+        _worker_resources(big, 10, embedded=True)
+    assert _worker_resources(big, 10, embedded=False)[1]["num_cpus"] == 8  # a cluster may grow
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+    gpu = job_config(data, str(tmp_path), num_workers=None, gpus_per_worker=2)
+    gpu = gpu.model_copy(update={"model": gpu.model.model_copy(update={"device": "auto"})})
+    with pytest.raises(ConfigError, match="2 GPUs.*gpus_per_worker.*has 1"):
+        _worker_resources(gpu, 10, embedded=True)
+    half = job_config(data, str(tmp_path), num_workers=None, gpus_per_worker=0.5)
+    half = half.model_copy(update={"model": half.model.model_copy(update={"device": "auto"})})
+    assert _worker_resources(half, 10, embedded=True) == (2, {"num_gpus": 0.5, "num_cpus": 1.0})

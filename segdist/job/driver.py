@@ -100,6 +100,15 @@ def _worker_resources(cfg: JobConfig, n_chunks: int, embedded: bool) -> tuple[in
     else:
         count = res.num_workers or 1
         options = {"num_gpus": 0, "num_cpus": res.cpus_per_worker}
+    if embedded:
+        # One node that never grows: a worker bigger than it would wait forever, unschedulable.
+        have = ray.cluster_resources()
+        for key, need, fld in (("GPU", options["num_gpus"], "gpus_per_worker"),
+                               ("CPU", options["num_cpus"], "cpus_per_worker")):
+            if need and need > float(have.get(key, 0)) + 1e-9:
+                raise ConfigError(
+                    f"each worker asks for {need:g} {key}s (resources.{fld}) but this machine's "
+                    f"embedded Ray has {float(have.get(key, 0)):g}; lower resources.{fld}")
     fault = os.environ.get(faults.ENV_VAR)
     if fault:
         faults.parse(fault)  # fail here, in the driver, if malformed
