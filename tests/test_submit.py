@@ -183,3 +183,17 @@ def test_auth_token_lookup_order(tmp_path, monkeypatch):
     assert submission.auth_token() == "from-file"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert submission.auth_token() is None
+
+
+def test_upload_excludes_match_what_they_name():
+    # Matched the way Ray matches runtime_env excludes (gitwildmatch, relative to the working dir).
+    from ray._private.thirdparty.pathspec import PathSpec
+
+    from segdist.job.submission import UPLOAD_EXCLUDES
+
+    spec = PathSpec.from_lines("gitwildmatch", UPLOAD_EXCLUDES)
+    for path in ("torch-2.15.0-cp311-cp311-linux_x86_64.whl", "dist/segdist-0.1.0-py3-none-any.whl",
+                 ".venv/bin/python", "segdist/__pycache__/cli.cpython-311.pyc", "segdist-demo/x.png"):
+        assert spec.match_file(path), path
+    for path in ("segdist/cli.py", "jobs/generate.py", "configs/demo.yaml"):
+        assert not spec.match_file(path), path

@@ -29,7 +29,7 @@ ENTRIES = ("generate", "evaluate", "train")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working dir: environments, caches, VCS data, local outputs.
 UPLOAD_EXCLUDES = [".venv", ".git", "**/__pycache__", "*.pyc", ".pytest_cache", "segdist-demo",
-                   "*.egg-info", "build", ".whl"]
+                   "*.egg-info", "build", "*.whl"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
