@@ -141,17 +141,11 @@ def _cocoeval(coco_gt: dict[str, Any], results: list[dict], iou_type: str, img_i
 
 
 def _results(proposals, iou_type: str) -> list[dict]:
-    out = []
-    for p in proposals:
-        for k in range(len(p)):
-            r = {"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k])}
-            if iou_type == "segm":
-                r["segmentation"] = {"size": [p.height, p.width],
-                                     "counts": p.counts[k].decode("ascii")}
-            else:
-                r["bbox"] = [float(v) for v in p.boxes[k]]
-            out.append(r)
-    return out
+    """COCO results as the job writes them (segm without "bbox", bbox with boxes only)."""
+    from segdist.proposals.cocojson import encode_bbox, encode_segm, load_results
+
+    encode = encode_segm if iou_type == "segm" else encode_bbox
+    return load_results(encode(proposals))
 
 
 def run_benchmark(n_images: int, n_proposals: int, single_images: int, workdir: str,

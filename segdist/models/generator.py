@@ -26,10 +26,11 @@ MASKRCNN = {"maskrcnn": ("v1", "masks"), "maskrcnn-v2": ("v2", "masks"), "maskrc
 RANDOM_SEED = 0  # random weights are deterministic: the same config gives the same proposals
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available else cpu; "cuda" without a CUDA device is a ConfigError."""
+def resolve_device(name: str, field: str = "model.device") -> torch.device:
+    """"auto" -> cuda when available else cpu; "cuda" without a CUDA device is a ConfigError
+    naming the config ``field`` it came from."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("model.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+        raise ConfigError(f"{field} is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)

@@ -36,10 +36,11 @@ from torch import nn
 
 from segdist.config import public_dict
 from segdist.errors import ConfigError
+from segdist.models.generator import resolve_device
 from segdist.storage import atomic_write, check_writable, join
 from segdist.training import checkpoints as ckpt
 from segdist.training.config import TrainConfig, lr_at_epoch
-from segdist.training.patch_eval import PatchMetrics, evaluate_patches, resize_logits
+from segdist.training.patch_eval import evaluate_patches, resize_logits
 from segdist.training.sampler import BatchStream, PatchSampler, loader_worker_init
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,6 @@ class TrainResult:
     best_model: str | None
     best: dict | None
     history: list[dict]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device; use 'auto' or 'cpu'")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
@@ -202,7 +195,7 @@ def fit(cfg: TrainConfig, ctx: TrainContext | None = None, *, stop_at_step: int 
     if cfg.resources.torch_threads:
         torch.set_num_threads(cfg.resources.torch_threads)
     try:
-        return _fit(cfg, ctx or TrainContext(device=resolve_device(cfg.device)),
+        return _fit(cfg, ctx or TrainContext(device=resolve_device(cfg.device, "device")),
                     stop_at_step=stop_at_step, max_seconds=max_seconds)
     finally:
         torch.set_num_threads(threads)
