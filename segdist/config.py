@@ -38,27 +38,53 @@ class DatasetConfig(_Strict):
     """Where the images and ground truth are.
 
     format=coco: ``annotations`` is an instances JSON URI, ``images`` the image folder URI.
+    format=lvis: the same with an LVIS annotation file (images named by ``coco_url``, see
+    ``coco_url_layout``); ``format: coco`` reads such files too.
     format=voc: ``root`` is a VOC20xx folder URI (with JPEGImages/, Annotations/, ImageSets/...),
     ``split`` an ImageSets list name (train, val, trainval, test).
+    format=images: no annotations; every image under the folder ``images`` (recursive), or the
+    lines of the list file ``image_list``, filtered by ``extensions`` and ``glob``.
     """
 
-    format: Literal["coco", "voc"] = "coco"
+    format: Literal["coco", "lvis", "voc", "images"] = "coco"
     annotations: str | None = None
     images: str | None = None
     root: str | None = None
     split: str = "val"
     image_set: Literal["Main", "Segmentation"] = "Main"
+    # format=images: a text file of image URIs or paths relative to `images`, one per line.
+    image_list: str | None = None
+    # format=images: file extensions to keep (no dot, any case); None: the image extensions for a
+    # folder, every line of a list file.
+    extensions: list[str] | None = None
+    # format=images: fnmatch pattern over the path relative to `images` ('*' also matches '/').
+    glob: str | None = None
+    # COCO/LVIS image entries without file_name: the file is `images` + the coco_url's last folder
+    # and file name ("split-folder": train2017/000000000139.jpg; LVIS val mixes train2017 and
+    # val2017 images) or its file name alone ("flat": all images in one folder).
+    coco_url_layout: Literal["split-folder", "flat"] = "split-folder"
     limit: int | None = Field(default=None, ge=1)
     image_ids: list[int] | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _needs_location(self):
-        if self.format == "coco" and (not self.annotations or not self.images):
-            raise ValueError("dataset.format 'coco' needs dataset.annotations (instances JSON URI) "
-                             "and dataset.images (image folder URI)")
+        if self.format in ("coco", "lvis") and (not self.annotations or not self.images):
+            raise ValueError(f"dataset.format '{self.format}' needs dataset.annotations (the "
+                             "annotation JSON URI) and dataset.images (image folder URI)")
         if self.format == "voc" and not self.root:
             raise ValueError("dataset.format 'voc' needs dataset.root (the VOC20xx folder URI)")
+        if self.format == "images" and not (self.images or self.image_list):
+            raise ValueError("dataset.format 'images' needs dataset.images (a folder URI: every "
+                             "image under it) or dataset.image_list (a file of image URIs)")
+        for name in ("images", "image_list"):
+            value = getattr(self, name)
+            if value and OUTPUT_URI_PLACEHOLDER in value:
+                raise ValueError(f"dataset.{name} is still the placeholder {value!r}: set it to "
+                                 f"your images, e.g. --set dataset.{name}=s3://my-bucket/photos")
+        if self.extensions is not None and not [e for e in self.extensions if e.strip(". ")]:
+            raise ValueError("dataset.extensions must name at least one extension (e.g. [jpg, "
+                             "png]) or be left out")
         return self
 
 

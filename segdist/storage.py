@@ -44,14 +44,36 @@ def is_local(uri: str) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def _split_chain(uri: str) -> tuple[str, str, str]:
+    """``(before, link, after)`` of an fsspec chained URL, ``link`` being the one with the path.
+
+    That is the first link that is more than a bare protocol name: in
+    ``tar://VOCdevkit/VOC2007::simplecache::http://host/x.tar`` the path inside the archive
+    (``tar://VOCdevkit/VOC2007``), in ``simplecache::s3://bucket/photos`` the cached file's own
+    URL (``s3://bucket/photos``: ``simplecache`` only names a layer). A plain URI is its own link.
+    """
+    links = str(uri).split("::")
+    for k, link in enumerate(links):
+        if "://" in link or "/" in link or k == len(links) - 1:
+            before = "".join(x + "::" for x in links[:k])
+            after = "".join("::" + x for x in links[k + 1:])
+            return before, link, after
+    return "", str(uri), ""  # unreachable: the last link is always taken
+
+
+def path_link(uri: str) -> str:
+    """The link of a (possibly chained) fsspec URL that holds the file's path (see ``join``)."""
+    return _split_chain(uri)[1]
+
+
 def join(base: str, *parts: str) -> str:
     """Join URI parts with '/', keeping the protocol (``s3://b/p`` + ``x`` -> ``s3://b/p/x``)."""
     base = str(base)
     if "::" in base:
-        # fsspec chained URL (``tar://VOCdevkit/VOC2007::simplecache::http://host/x.tar``): the
-        # parts belong to the first (innermost-path) link, the rest names its container.
-        head, chain = base.split("::", 1)
-        return join(head, *parts) + "::" + chain
+        # fsspec chained URL: the parts belong to the link that carries the path (the archive's
+        # inner path in tar://...::http://..., the target in simplecache::s3://...).
+        before, link, after = _split_chain(base)
+        return before + join(link, *parts) + after
     if "://" in base:
         proto, rest = base.split("://", 1)
         return proto + "://" + posixpath.join(rest, *parts)

@@ -22,7 +22,8 @@ FILL = "output.uri=s3://my-bucket/proposals/run1"
 def test_the_shipped_set_is_complete():
     names = {p.stem for p in GENERATE}
     for ds in ("coco2014-train", "coco2014-val", "coco2017-train", "coco2017-val",
-               "voc2007-trainval", "voc2007-test", "voc2012-train", "voc2012-val"):
+               "voc2007-trainval", "voc2007-test", "voc2012-train", "voc2012-val", "lvis1-val",
+               "images-folder"):
         for model in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn"):
             assert f"{ds}-{model}" in names
     assert (ROOT / "configs" / "demo.yaml").is_file()
@@ -34,7 +35,11 @@ def test_generate_config_says_what_to_fill_in(path):
     with pytest.raises(ConfigError) as err:
         load_config(JobConfig, str(path))
     assert "output.uri" in str(err.value) and "placeholder" in str(err.value)
-    cfg = load_config(JobConfig, str(path), [FILL])
+    folder = path.stem.startswith("images-folder")  # your own photos: their folder to fill in too
+    if folder:
+        assert "dataset.images is still the placeholder" in str(err.value)
+    cfg = load_config(JobConfig, str(path), [FILL, *(["dataset.images=s3://b/photos"] if folder
+                                                     else [])])
     assert cfg.output.uri == "s3://my-bucket/proposals/run1"
     stem = path.stem
     assert cfg.model.name == next(m for m in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn")
@@ -51,6 +56,13 @@ def test_generate_config_says_what_to_fill_in(path):
         missing = cfg.model.model_copy(update={"weights": str(path.parent / "no-such-model.t7")})
         with pytest.raises(StorageError, match="model.weights .* does not exist"):
             preflight.check_weights(missing)
+    if folder:
+        assert cfg.dataset.format == "images" and cfg.dataset.images == "s3://b/photos"
+        return
+    if stem.startswith("lvis1"):
+        assert cfg.dataset.format == "lvis" and "lvis_v1_val.json" in cfg.dataset.annotations
+        assert cfg.dataset.images == "http://images.cocodataset.org"  # + train2017/ or val2017/
+        return
     assert cfg.dataset.format == ("coco" if stem.startswith("coco") else "voc")
     year = stem[3:7] if stem.startswith("voc") else stem[4:8]
     split = stem.split("-")[1]

@@ -64,6 +64,7 @@ def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
     try:
         gen = build_generator(cfg.model)
         ds = load_dataset(cfg.dataset)
+        index = []
         for chunk in plan_chunks(ds.images, cfg.output.chunk_size):
             images, ids = [], []
             for rec in chunk.records:
@@ -75,7 +76,13 @@ def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
             props = []
             for s in range(0, len(images), cfg.model.batch_size):
                 props += gen(images[s:s + cfg.model.batch_size], ids[s:s + cfg.model.batch_size])
-            layout.write_chunk(out, chunk.index, props, cfg.output.formats, cfg.output.gzip)
+            names = {r.image_id: r.file_name for r in chunk.records}
+            layout.write_chunk(out, chunk.index, props, cfg.output.formats, cfg.output.gzip,
+                               file_names=names)
+            index += [{"id": p.image_id, "file_name": names[p.image_id], "height": p.height,
+                       "width": p.width} for p in props]
+        if "coco-json" in cfg.output.formats:
+            layout.write_images_index(out, index)
     finally:
         torch.set_num_threads(threads)
     return read_tree(out)
@@ -123,7 +130,7 @@ def test_job_to_s3_exactly_once_and_equal_to_single_process(ray_s3, s3_bucket, t
     expected = sorted(
         [f"chunk-{i:06d}.{k}.json" for i in range(4) for k in ("segm", "bbox")]
         + [f"chunk-{i:06d}.parquet" for i in range(4)]
-        + [f"chunk-{i:06d}.json" for i in range(4)] + ["run.json", "manifest.json"])
+        + [f"chunk-{i:06d}.json" for i in range(4)] + ["run.json", "manifest.json", "images.json"])
     assert names == expected  # deterministic names, no temporary or duplicate files
 
     # Every image exactly once, each chunk holding images [i*4, (i+1)*4) of the sorted ids.
@@ -184,8 +191,9 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
     assert again.complete and again.chunks_written == 0 and again.chunks_skipped == 3
     assert again.images_failed == 1
     after = mtimes(out)
-    assert {k: v for k, v in after.items() if k != "manifest.json"} == \
-        {k: v for k, v in before.items() if k != "manifest.json"}
+    written_last = ("manifest.json", "coco-json/images.json")  # rewritten by every run
+    assert {k: v for k, v in after.items() if k not in written_last} == \
+        {k: v for k, v in before.items() if k not in written_last}
 
     # A run with other settings into the same output is refused, naming what differs.
     other = job_config(data, out, num_workers=1)

@@ -99,6 +99,9 @@ def _load(dataset: str, images: str | None,
         if storage_options and not section.get("storage_options"):
             section["storage_options"] = storage_options
         cfg = validate(DatasetConfig, section, dataset)
+        if cfg.format == "images":
+            raise ConfigError(f"{dataset}: dataset.format 'images' has no annotations, so there "
+                              "is no ground truth to evaluate against; " + _NO_GT_HINT)
         ds = load_dataset(cfg)
         return ds.coco_gt, {"name": ds.name, "source": dataset, "format": cfg.format,
                             "images": len(ds)}
@@ -106,6 +109,28 @@ def _load(dataset: str, images: str | None,
 
     ds = load_coco(dataset, images or posixpath.dirname(dataset.rstrip("/")), storage_options)
     return ds.coco_gt, {"name": ds.name, "source": dataset, "format": "coco", "images": len(ds)}
+
+
+_NO_GT_HINT = ("average recall needs an annotated dataset (coco, lvis or voc); the proposals "
+               "themselves are usable as they are (segdist export, segdist.proposals.store)")
+
+
+def refuse_runs_without_ground_truth(uris: list[str], storage_options: dict[str, Any]) -> None:
+    """Raise ConfigError when a proposals location is a run over an image collection without
+    annotations (its manifest says ``dataset.format: images``): no ground truth has its ids."""
+    from segdist.errors import ConfigError, StorageError
+    from segdist.storage import join, read_bytes
+
+    for uri in uris:
+        try:
+            doc = json.loads(read_bytes(join(uri, "manifest.json"), storage_options))
+        except (StorageError, ValueError, OSError):
+            continue  # not a job output (a chunk folder, a single file): nothing to tell
+        dataset = doc.get("dataset") if isinstance(doc, dict) else None
+        if isinstance(dataset, dict) and dataset.get("format") == "images":
+            raise ConfigError(f"the proposals at {uri} were made for an image collection without "
+                              f"annotations ({dataset.get('name')!r}, dataset.format 'images'): "
+                              "there is no ground truth to evaluate against; " + _NO_GT_HINT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
     options = _storage_options(args.storage_options)
+    refuse_runs_without_ground_truth(args.proposals, options)
     out = args.out or default_out(args.proposals[0])
     check_writable(out, options)  # fail before the work, not after it
 

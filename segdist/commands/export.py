@@ -34,15 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-file", type=int, default=500,
                         help="original: images per props-<start>-<end>.json file (default 500)")
     parser.add_argument("--gzip", action="store_true", help="original: write .json.gz")
+    parser.add_argument("--ids", choices=["auto", "image-id", "file-name"], default="auto",
+                        help="detectron2: the pickle's 'ids' are the image ids or the file names "
+                             "(paths relative to the image folder); auto (default): file names "
+                             "for a run over an image folder (dataset.format images), else ids")
     parser.add_argument("--storage-options", default=None, metavar="JSON",
                         help="fsspec options for --proposals and --out, as JSON (credentials are "
                              "better left to the environment)")
 
 
 def _dataset(args):
-    """The dataset named by --dataset or --annotations/--images, or None."""
+    """The dataset named by --dataset or --annotations/--images and its format, or (None, None)."""
     if not (args.dataset or args.annotations or args.images):
-        return None
+        return None, None
     from segdist.config import DatasetConfig, load_config, validate
 
     if args.dataset:
@@ -60,7 +64,34 @@ def _dataset(args):
                                        "images": args.images}, "--annotations/--images")
     from segdist.data import load_dataset
 
-    return load_dataset(cfg)
+    return load_dataset(cfg), cfg.format
+
+
+def _run_dataset_format(proposals: str, options) -> str | None:
+    """``dataset.format`` in the manifest of a job output, None when there is none."""
+    from segdist.errors import StorageError
+    from segdist.storage import join, read_bytes
+
+    try:
+        doc = json.loads(read_bytes(join(proposals, "manifest.json"), options))
+    except (StorageError, ValueError, OSError):
+        return None
+    dataset = doc.get("dataset") if isinstance(doc, dict) else None
+    return dataset.get("format") if isinstance(dataset, dict) else None
+
+
+def _file_names(args, dataset, dataset_format, store, options) -> dict[int, str] | None:
+    """Detectron2 ids as file names (``--ids``), from the dataset and the proposals."""
+    mode = args.ids
+    if mode == "auto":
+        fmt = dataset_format or _run_dataset_format(args.proposals, options)
+        mode = "file-name" if fmt == "images" else "image-id"
+    if mode == "image-id":
+        return None
+    names = store.file_names()
+    if dataset is not None:
+        names.update({r.image_id: r.file_name for r in dataset.images})
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--top-k must be >= 1, got {args.top_k}")
     if args.per_file < 1:
         raise ConfigError(f"--per-file must be >= 1, got {args.per_file}")
-    dataset = _dataset(args)
+    dataset, dataset_format = _dataset(args)
     store = open_proposals(args.proposals, options)
     ids = [r.image_id for r in dataset.images] if dataset is not None else []
 
@@ -82,7 +113,9 @@ def run(args: argparse.Namespace) -> int:
         from segdist.export.detectron2 import export_detectron2
 
         info = export_detectron2(store, args.out, dataset_ids=ids, top_k=args.top_k,
-                                 storage_options=options)
+                                 storage_options=options,
+                                 file_names=_file_names(args, dataset, dataset_format, store,
+                                                        options))
     elif args.format == "mmdet":
         if dataset is None:
             raise ConfigError("mmdet needs the dataset's file names: pass --dataset CONFIG or "

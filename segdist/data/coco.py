@@ -1,9 +1,17 @@
-"""COCO instances JSON (2014/2017 layout) read through fsspec into a :class:`Dataset`.
+"""COCO instances JSON (2014/2017 layout) and LVIS v1 read through fsspec into a :class:`Dataset`.
 
 The file is read once; ``Dataset.coco_gt`` is the instances dict itself, restricted to the selected
 images (``image_ids``/``limit``) and their annotations, ready for ``pycocotools.coco.COCO``.
 Annotation files whose name ends in ``.gz`` are gunzipped. Test-set "image info" files (images and
 categories, no annotations) load too, with an empty annotation list.
+
+LVIS files have the same structure with two differences that matter here: an image names its file
+by ``coco_url`` (``http://images.cocodataset.org/train2017/000000155379.jpg``) instead of
+``file_name``, and annotations have no ``iscrowd``. An image without ``file_name`` gets one from
+its ``coco_url`` (``coco_url_layout``); ``iscrowd`` defaults to 0 as for any COCO file. LVIS's
+per-image ``neg_category_ids`` and ``not_exhaustive_category_ids`` stay in ``coco_gt`` untouched:
+class-agnostic recall (pycocotools with ``useCats = 0``) counts every annotated instance and has no
+use for category-level labels of absence.
 """
 
 from __future__ import annotations
@@ -14,12 +22,14 @@ import posixpath
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from segdist.data.records import Dataset, ImageRecord
 from segdist.errors import DatasetError, StorageError
 from segdist.storage import join, read_bytes
 
-_IMAGE_KEYS = ("id", "file_name", "height", "width")
+_IMAGE_KEYS = ("id", "height", "width")  # and file_name, or coco_url (LVIS)
+COCO_URL_LAYOUTS = ("split-folder", "flat")
 _ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 
 
@@ -29,15 +39,19 @@ def load_coco(
     storage_options: Mapping[str, Any] | None = None,
     limit: int | None = None,
     image_ids: Iterable[int] | None = None,
+    coco_url_layout: str = "split-folder",
 ) -> Dataset:
-    """Load a COCO instances file.
+    """Load a COCO instances file (or an LVIS file: same structure).
 
     Args:
-        annotations_uri: URI of ``instances_*.json`` (or ``.json.gz``).
+        annotations_uri: URI of ``instances_*.json`` / ``lvis_v1_*.json`` (or ``.json.gz``).
         images_uri: URI of the image folder; ``ImageRecord.uri = join(images_uri, file_name)``.
         storage_options: fsspec options for both URIs (credentials, endpoint).
         image_ids: keep only these images (every id must exist in the file).
         limit: then keep only the first ``limit`` images by ascending id.
+        coco_url_layout: for images without ``file_name``: ``"split-folder"`` takes the last
+            folder and the file name of ``coco_url`` (``train2017/000000155379.jpg``),
+            ``"flat"`` the file name alone. The derived name is set as the entry's ``file_name``.
 
     Returns a Dataset named after the file (``instances_val2017``), images sorted by id, and
     ``coco_gt`` = the instances dict with ``images`` and ``annotations`` filtered to the selection.
@@ -46,8 +60,11 @@ def load_coco(
     """
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be >= 1, got {limit}")
+    if coco_url_layout not in COCO_URL_LAYOUTS:
+        raise DatasetError(f"coco_url_layout must be one of {COCO_URL_LAYOUTS}, got "
+                           f"{coco_url_layout!r}")
     gt = read_coco_json(annotations_uri, storage_options)
-    images, annotations = _validated(gt, annotations_uri)
+    images, annotations = _validated(gt, annotations_uri, coco_url_layout)
 
     if image_ids is not None:
         wanted = {int(i) for i in image_ids}
@@ -109,8 +126,10 @@ def read_coco_json(uri: str, storage_options: Mapping[str, Any] | None = None) -
     return obj
 
 
-def _validated(gt: dict[str, Any], uri: str) -> tuple[list[dict], list[dict]]:
-    """Check the keys the pipeline relies on; fill the two that COCO tools default."""
+def _validated(gt: dict[str, Any], uri: str,
+               coco_url_layout: str = "split-folder") -> tuple[list[dict], list[dict]]:
+    """Check the keys the pipeline relies on; fill the two that COCO tools default, and LVIS
+    images' ``file_name`` from their ``coco_url``."""
     if "images" not in gt:
         raise DatasetError(f"{uri}: missing key 'images' (a COCO instances file has 'images', "
                            "'annotations' and 'categories')")
@@ -125,6 +144,8 @@ def _validated(gt: dict[str, Any], uri: str) -> tuple[list[dict], list[dict]]:
         _require(img, _IMAGE_KEYS, f"{uri}: images[{pos}]")
         if not isinstance(img["id"], int) or isinstance(img["id"], bool):
             raise DatasetError(f"{uri}: images[{pos}]['id'] must be an integer, got {img['id']!r}")
+        if "file_name" not in img:
+            img["file_name"] = _file_name_from_url(img, coco_url_layout, f"{uri}: images[{pos}]")
         for side in ("height", "width"):
             if not isinstance(img[side], int) or img[side] < 1:
                 raise DatasetError(
@@ -146,6 +167,18 @@ def _validated(gt: dict[str, Any], uri: str) -> tuple[list[dict], list[dict]]:
         if "area" not in ann:
             ann["area"] = _area(ann, *seen[ann["image_id"]], uri)
     return images, annotations
+
+
+def _file_name_from_url(img: dict[str, Any], layout: str, where: str) -> str:
+    """An LVIS image's file name from its ``coco_url`` (see ``load_coco``'s coco_url_layout)."""
+    url = img.get("coco_url")
+    if not isinstance(url, str) or not url.strip():
+        raise DatasetError(f"{where}: missing key 'file_name' (COCO) or 'coco_url' (LVIS): one of "
+                           "them names the image file")
+    parts = [p for p in urlsplit(url.strip()).path.split("/") if p]
+    if not parts:
+        raise DatasetError(f"{where}: 'coco_url' {url!r} names no file")
+    return "/".join(parts[-2:] if layout == "split-folder" else parts[-1:])
 
 
 def _require(entry: Any, keys: tuple[str, ...], where: str) -> None:

@@ -29,7 +29,6 @@ Conversion rules (docs/datasets.md):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import posixpath
 import re
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from segdist.data.ids import hashed_id
 from segdist.data.records import Dataset, ImageRecord
 from segdist.errors import DatasetError, StorageError
 from segdist.storage import join, read_bytes, url_to_fs
@@ -51,11 +51,6 @@ VOC_CLASSES: tuple[str, ...] = (
 )
 VOID_INDEX = 255
 
-# Ids of names outside the two VOC patterns: a hash in [1e10, 2**53). 2008_000123-style ids are in
-# [1e9, 1e10) and VOC2007-style in [0, 1e6), so the three ranges cannot collide; 2**53 keeps ids
-# exact in float64 consumers (JSON readers, pandas).
-_FALLBACK_BASE = 10**10
-_FALLBACK_SPAN = 2**53 - _FALLBACK_BASE
 _YEAR_NAME = re.compile(r"(\d{4})_(\d{6})")
 _VOC2007_NAME = re.compile(r"\d{6}")
 _FETCH_BATCH = 256  # files fetched per fsspec cat() call: concurrent on object stores, bounded memory
@@ -74,8 +69,8 @@ def voc_image_id(name: str) -> int:
         return int(m.group(1)) * 1_000_000 + int(m.group(2))
     if _VOC2007_NAME.fullmatch(name):
         return int(name)
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return _FALLBACK_BASE + int.from_bytes(digest[:8], "big") % _FALLBACK_SPAN
+    # [1e9, 1e10) and [0, 1e6) above; the hash range [1e10, 2**53) cannot collide with them.
+    return hashed_id(name)
 
 
 @dataclass

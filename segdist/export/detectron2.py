@@ -6,6 +6,10 @@ ascending id order, each image's proposals in our rank order. Detectron2's
 ``load_proposals_into_dataset`` matches ``str(id)`` against the dataset's ``image_id`` and re-sorts
 each image by logit (descending); ``logit`` is strictly monotonic, so that sort gives back our
 order (ties in score stay ties). Config snippet: docs/downstream.md.
+
+With ``file_names`` (an image folder's run) the ``ids`` are the images' file names (paths relative
+to the folder) instead: a Detectron2 dataset of one's own photos registers them as ``image_id``,
+and ``load_proposals_into_dataset`` compares ``str(image_id)`` with ``str(id)``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from segdist import storage
+from segdist.errors import SegdistError
 from segdist.export.boxes import logit, xywh_to_xyxy
 from segdist.export.streaming import StreamedList, dump_streaming, union_images
 from segdist.proposals.store import ProposalStore
@@ -23,7 +28,8 @@ BBOX_MODE_XYXY_ABS = 0
 
 def export_detectron2(store: ProposalStore, out_uri: str, *, dataset_ids: Sequence[int] = (),
                       top_k: int | None = None,
-                      storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                      storage_options: Mapping[str, Any] | None = None,
+                      file_names: Mapping[int, str] | None = None) -> dict[str, Any]:
     """Write the Detectron2 proposals pickle to ``out_uri`` (atomically, streamed).
 
     Args:
@@ -32,10 +38,23 @@ def export_detectron2(store: ProposalStore, out_uri: str, *, dataset_ids: Sequen
         dataset_ids: image ids of the dataset Detectron2 will load; ids without proposals get empty
             entries (Detectron2 raises KeyError for a dataset image missing from the file).
         top_k: keep at most this many proposals per image (None: all).
+        file_names: image id -> file name; when given, the pickle's ``ids`` are these names
+            (every image needs one), still in ascending id order.
     Returns:
         ``{"uri", "images", "proposals"}``.
+    Raises SegdistError when ``file_names`` lacks an image or gives two images one name.
     """
     ids = sorted(set(store.image_ids()) | {int(i) for i in dataset_ids})
+    keys: list[Any] = ids
+    if file_names is not None:
+        unnamed = [i for i in ids if i not in file_names]
+        if unnamed:
+            raise SegdistError(f"{len(unnamed)} images have no file name (e.g. {unnamed[:5]}): "
+                               "give the dataset the proposals were made for, or export ids")
+        keys = [file_names[i] for i in ids]
+        if len(set(keys)) != len(keys):
+            raise SegdistError("two images share a file name; Detectron2 could not tell them "
+                               "apart: export ids instead")
     counted = {"proposals": 0}
 
     def boxes():
@@ -48,7 +67,7 @@ def export_detectron2(store: ProposalStore, out_uri: str, *, dataset_ids: Sequen
             yield logit(p.scores)
 
     payload = {
-        "ids": ids,
+        "ids": keys,
         "boxes": StreamedList(boxes),
         "objectness_logits": StreamedList(logits),
         "bbox_mode": BBOX_MODE_XYXY_ABS,

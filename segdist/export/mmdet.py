@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from segdist import storage
+from segdist.storage import path_link
 from segdist.data.records import Dataset, ImageRecord
 from segdist.errors import SegdistError
 from segdist.export.boxes import xywh_to_xyxy
@@ -22,8 +23,13 @@ from segdist.proposals.store import ProposalStore
 
 
 def mmdet_key(record: ImageRecord) -> str:
-    """``"<parent_dir>/<file_name>"`` of an image (its URI's folder name and base name)."""
-    path = record.uri.split("::", 1)[0].split("://", 1)[-1].replace("\\", "/")
+    """``"<parent_dir>/<file_name>"`` of an image (its URI's folder name and base name).
+
+    For a chained fsspec URI the path comes from the link that holds it
+    (:func:`segdist.storage.path_link`): ``simplecache::s3://b/val2017/x.jpg`` ->
+    ``val2017/x.jpg``, ``zip://val2017/x.jpg::s3://b/images.zip`` -> ``val2017/x.jpg``.
+    """
+    path = path_link(record.uri).split("://", 1)[-1].replace("\\", "/")
     return posixpath.join(posixpath.basename(posixpath.dirname(path)), posixpath.basename(path))
 
 

@@ -4,7 +4,8 @@ Order of work (each step can stop the run before anything expensive happens):
 
 1. preflight: the output is writable, the weights file exists, the dataset's index loads and its
    first image exists;
-2. the plan: sorted image ids in chunks of ``output.chunk_size``;
+2. the plan: sorted image ids in chunks of ``output.chunk_size`` (an image folder's plan comes
+   after step 3: it keeps the chunks the output already holds, :func:`plan_incremental`);
 3. the output's run record (``_segdist/run.json``): a different config is refused unless
    ``overwrite``; the record is written before any chunk;
 4. committed chunks (a record and all files present) are skipped;
@@ -13,7 +14,8 @@ Order of work (each step can stop the run before anything expensive happens):
    without GPUs; the first worker's model identity (name, weights sha256) is checked against the
    run record before any chunk is sent;
 6. the dispatcher runs the remaining chunks (retries, worker replacement);
-7. ``manifest.json`` is written last; the result says whether every chunk is committed.
+7. ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` last; the result says
+   whether every chunk is committed.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from segdist.config import JobConfig, public_dict
 from segdist.errors import ConfigError, SegdistError
 from segdist.job import faults, manifest, preflight, state
 from segdist.job.dispatch import ChunkFailure, Dispatcher
-from segdist.job.plan import plan_chunks
+from segdist.job.plan import plan_chunks, plan_incremental
 from segdist.job.progress import JobProgress
 from segdist.job.worker import WorkerInfo, WorkerSettings
+from segdist.proposals import layout
 from segdist.proposals.layout import chunk_name
 from segdist.ray_connect import connect_ray
 
@@ -129,7 +132,8 @@ def absolute_local_paths(cfg: JobConfig) -> JobConfig:
     d, m, o = cfg.dataset, cfg.model, cfg.output
     return cfg.model_copy(update={
         "dataset": d.model_copy(update={"annotations": _absolute(d.annotations),
-                                        "images": _absolute(d.images), "root": _absolute(d.root)}),
+                                        "images": _absolute(d.images), "root": _absolute(d.root),
+                                        "image_list": _absolute(d.image_list)}),
         "model": m.model_copy(update={"weights": _absolute(m.weights, weights=True)}),
         "output": o.model_copy(update={"uri": _absolute(o.uri)}),
     })
@@ -151,10 +155,11 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     preflight.check_output(cfg.output)
     preflight.check_weights(cfg.model)
     dataset = preflight.load_checked_dataset(cfg.dataset)
-    plan = plan_chunks(dataset.images, cfg.output.chunk_size)
+    # An image folder grows: its plan keeps the chunks the output holds (plan_incremental), so it
+    # is made once the output's records are known to be this config's.
+    incremental = cfg.dataset.format == "images"
+    plan = None if incremental else plan_chunks(dataset.images, cfg.output.chunk_size)
     n_images = len(dataset)
-    log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
-             n_images, len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
 
     settings = state.output_settings(cfg)
     fp = state.fingerprint(settings)
@@ -178,6 +183,11 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
                                  created=started)
         state.write_run_record(out, record, opts)
 
+    if plan is None:
+        plan = plan_incremental(dataset.images, cfg.output.chunk_size,
+                                state.recorded_chunk_ids(out, opts))
+    log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
+             n_images, len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
     committed = state.committed_chunks(out, len(plan), opts, [c.image_ids for c in plan])
     todo = [c for c in plan if c.index not in committed]
     skipped_images = sum(r.images + len(r.failed) for r in committed.values())
@@ -262,11 +272,16 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
         timings["failed_attempts"] = dispatch_stats.attempts_failed
     failed_list = [{"index": f.index, "name": chunk_name(f.index), "attempts": f.attempts,
                     "errors": f.errors} for f in sorted(failures.values(), key=lambda f: f.index)]
+    images = manifest.image_index(records, dataset.by_id())
+    if "coco-json" in cfg.output.formats:
+        layout.write_images_index(out, images, opts)
+    dataset_info = {"name": dataset.name, "format": cfg.dataset.format, "images": n_images}
+    if dataset.skipped:
+        dataset_info["skipped_files"] = dict(sorted(dataset.skipped.items()))
     doc = manifest.build_manifest(
-        config=public_dict(cfg), model=model_info,
-        dataset={"name": dataset.name, "format": cfg.dataset.format, "images": n_images},
+        config=public_dict(cfg), model=model_info, dataset=dataset_info,
         chunk_size=cfg.output.chunk_size, n_chunks=len(plan), records=records,
-        failed_chunks=failed_list, timings=timings)
+        failed_chunks=failed_list, timings=timings, images=images)
     manifest_uri = manifest.write_manifest(out, doc, opts)
     result = JobResult(
         complete=doc["complete"], output_uri=out, manifest_uri=manifest_uri, chunks_total=len(plan),

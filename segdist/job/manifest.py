@@ -2,8 +2,9 @@
 
 It records the config (credentials redacted), the model and its weights' sha256, package versions,
 every committed chunk with its image and proposal counts and file names (relative to the output),
-the images that failed and why, the chunks that failed, and timings. ``complete`` is true only when
-every chunk of the plan is committed.
+the images that failed and why, the chunks that failed, timings, and ``file_names``: every image
+id the committed chunks account for -> the image's file name (its path relative to the dataset).
+``complete`` is true only when every chunk of the plan is committed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib import metadata
 from typing import Any
 
 from segdist import __version__, storage
+from segdist.data.records import ImageRecord
 from segdist.job.state import MANIFEST, ChunkRecord
 
 MANIFEST_VERSION = 1
@@ -37,10 +39,33 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def image_index(records: Mapping[int, ChunkRecord],
+                known: Mapping[int, ImageRecord]) -> list[dict[str, Any]]:
+    """``{"id", "file_name", "height", "width"}`` of every image the records wrote, by id.
+
+    From each record's ``image_info`` (the size its worker decoded); records written before
+    segdist kept it fall back to the dataset's record of the image (``known``).
+    """
+    out = []
+    for rec in records.values():
+        info = {e["id"]: e for e in rec.image_info}
+        for image_id in rec.image_ids:
+            entry = info.get(image_id)
+            if entry is None and image_id in known:
+                r = known[image_id]
+                entry = {"id": image_id, "file_name": r.file_name, "height": r.height,
+                         "width": r.width}
+            if entry is not None:
+                out.append(entry)
+    return sorted(out, key=lambda e: e["id"])
+
+
 def build_manifest(*, config: Mapping[str, Any], model: Mapping[str, Any], dataset: Mapping[str, Any],
                    chunk_size: int, n_chunks: int, records: Mapping[int, ChunkRecord],
-                   failed_chunks: list[Mapping[str, Any]], timings: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest as plain data (see the module docstring); ``records`` by chunk index."""
+                   failed_chunks: list[Mapping[str, Any]], timings: Mapping[str, Any],
+                   images: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The manifest as plain data (see the module docstring); ``records`` by chunk index,
+    ``images`` what :func:`image_index` gives for them (for ``file_names``)."""
     chunks = []
     failed_images = []
     for index in sorted(records):
@@ -73,6 +98,11 @@ def build_manifest(*, config: Mapping[str, Any], model: Mapping[str, Any], datas
         "failed_images": failed_images,
         "failed_chunks": list(failed_chunks),
         "timings": dict(timings),
+        # JSON keys are strings: {"2026000001": "images/2026_000001.jpg", ...}, ascending id.
+        "file_names": {str(i): name for i, name in sorted(
+            [*((int(e["id"]), e["file_name"]) for e in images or ()),
+             *((int(f["image_id"]), f["file_name"]) for f in failed_images
+               if f.get("file_name") is not None)])},
     }
 
 

@@ -22,7 +22,8 @@ def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
     """
     from segdist.data import load_dataset  # the loaders import pycocotools; keep --help fast
 
-    where = cfg.root if cfg.format == "voc" else cfg.annotations
+    where = {"voc": cfg.root, "images": cfg.image_list or cfg.images}.get(cfg.format,
+                                                                          cfg.annotations)
     try:
         dataset = load_dataset(cfg)
     except SegdistError:
@@ -31,15 +32,22 @@ def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
         raise StorageError(f"cannot read the {cfg.format} dataset at {where}: "
                            f"{type(exc).__name__}: {exc}") from exc
     if len(dataset) == 0:
-        raise ConfigError(f"the {cfg.format} dataset at {where} has no images "
-                          "(check dataset.split, dataset.image_ids and dataset.limit)")
+        fields = ("dataset.extensions, dataset.glob" if cfg.format == "images"
+                  else "dataset.split")
+        skipped = "".join(f", {n} {reason}" for reason, n in sorted(dataset.skipped.items()))
+        raise ConfigError(f"the {cfg.format} dataset at {where} has no images{skipped} "
+                          f"(check {fields}, dataset.image_ids and dataset.limit)")
+    if cfg.format == "images" and not cfg.image_list:
+        return dataset  # every image was just listed: it exists
     first = dataset.images[0]
     try:
         found = storage.exists(first.uri, dataset.storage_options)
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot reach the dataset's first image {first.uri}: {exc}") from exc
     if not found:
-        hint = "dataset.images" if cfg.format == "coco" else "dataset.root"
+        hint = {"voc": "dataset.root",
+                "images": "dataset.image_list and dataset.images (the base of relative lines)"
+                }.get(cfg.format, "dataset.images")
         raise StorageError(f"the dataset's first image {first.uri} (id {first.image_id}) does not "
                            f"exist; check {hint}")
     return dataset

@@ -33,6 +33,7 @@ from segdist.proposals import layout
 
 log = logging.getLogger(__name__)
 _CHUNK_FILE = re.compile(r"^(\.tmp-)?chunk-\d{6,}\.")
+_RECORD_FILE = re.compile(r"^chunk-(\d{6,})\.json$")
 
 STATE_DIR = "_segdist"
 RUN_FILE = "run.json"
@@ -58,9 +59,18 @@ def relative_to(out_uri: str, uri: str) -> str:
     return uri[len(base):] if uri.startswith(base) else uri
 
 
+# Dataset fields added after outputs already existed: at their defaults they are left out of the
+# settings, so that a run record fingerprinted before them still matches and the run resumes.
+_LATER_DATASET_DEFAULTS = {"image_list": None, "extensions": None, "glob": None,
+                           "coco_url_layout": "split-folder"}
+
+
 def output_settings(cfg: JobConfig) -> dict[str, Any]:
     """The parts of a config that determine the bytes of the output (no credentials, no resources)."""
     dataset = cfg.dataset.model_dump(mode="json", exclude={"storage_options"})
+    for key, default in _LATER_DATASET_DEFAULTS.items():
+        if key in dataset and dataset[key] == default:
+            del dataset[key]
     # storage_options: credentials for the weights file; they never go into the run record.
     model = cfg.model.model_dump(mode="json",
                                  exclude={*_EXECUTION_ONLY_MODEL_FIELDS, "storage_options"})
@@ -147,7 +157,9 @@ class ChunkRecord:
     """Contents of ``OUT/_segdist/chunks/chunk-NNNNNN.json``: one committed chunk.
 
     ``files`` are relative to the output URI; ``failed`` lists images that were skipped
-    (``{"image_id", "file_name", "uri", "reason"}``); ``image_ids`` are the images written.
+    (``{"image_id", "file_name", "uri", "reason"}``); ``image_ids`` are the images written, and
+    ``image_info`` says what each of them is (``{"id", "file_name", "height", "width"}``, the size
+    the worker decoded: what ``coco-json/images.json`` lists).
     """
 
     index: int
@@ -159,6 +171,12 @@ class ChunkRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     worker: str = ""
     attempt: int = 1
+    image_info: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def covered_ids(self) -> list[int]:
+        """Every image the chunk accounts for: written or recorded as failed."""
+        return [*self.image_ids, *(f["image_id"] for f in self.failed)]
 
     @property
     def images(self) -> int:
@@ -171,6 +189,24 @@ class ChunkRecord:
     def from_dict(cls, raw: Mapping[str, Any]) -> "ChunkRecord":
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def _read_records(out_uri: str, indices: Sequence[int],
+                  storage_options: Mapping[str, Any] | None) -> dict[int, ChunkRecord]:
+    with ThreadPoolExecutor(8) as pool:
+        raws = list(pool.map(lambda i: read_json(chunk_record_uri(out_uri, i), storage_options),
+                             indices))
+    return {i: ChunkRecord.from_dict(raw) for i, raw in zip(indices, raws) if raw is not None}
+
+
+def recorded_chunk_ids(out_uri: str, storage_options: Mapping[str, Any] | None
+                       ) -> dict[int, list[int]]:
+    """Chunk index -> the image ids its record covers, for every chunk record under the output
+    (whether or not its files are all there): what :func:`segdist.job.plan.plan_incremental`
+    keeps in place."""
+    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
+    indices = sorted(int(m.group(1)) for m in map(_RECORD_FILE.match, names) if m)
+    return {i: rec.covered_ids for i, rec in _read_records(out_uri, indices, storage_options).items()}
 
 
 def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, Any] | None,
@@ -197,16 +233,10 @@ def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, 
     wanted = [i for i in range(n_chunks) if layout.chunk_name(i) + ".json" in names]
     if not wanted:
         return {}
-    with ThreadPoolExecutor(8) as pool:
-        raws = list(pool.map(lambda i: read_json(chunk_record_uri(out_uri, i), storage_options), wanted))
     present: dict[str, set[str]] = {}
     out: dict[int, ChunkRecord] = {}
-    for i, raw in zip(wanted, raws):
-        if raw is None:
-            continue
-        rec = ChunkRecord.from_dict(raw)
-        if plan_ids is not None and (sorted([*rec.image_ids, *(f["image_id"] for f in rec.failed)])
-                                     != sorted(plan_ids[i])):
+    for i, rec in _read_records(out_uri, wanted, storage_options).items():
+        if plan_ids is not None and sorted(rec.covered_ids) != sorted(plan_ids[i]):
             log.warning("%s: its record lists other images than this run's plan (the dataset "
                         "changed since); redoing it", rec.name)
             continue
@@ -230,13 +260,14 @@ def has_proposal_files(out_uri: str, storage_options: Mapping[str, Any] | None) 
 
 
 def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Remove what a job writes (chunk files, records, manifest) and nothing else under ``out_uri``.
+    """Remove what a job writes (chunk files, records, manifest, the COCO-JSON images index) and
+    nothing else under ``out_uri``.
 
     In the format folders only chunk files (and temporary files a killed writer left) go: other
     files there are not the job's.
     """
     fs, _ = storage.url_to_fs(out_uri, storage_options)
-    for part in (MANIFEST, STATE_DIR):
+    for part in (MANIFEST, STATE_DIR, f"{layout.COCO_DIR}/{layout.IMAGES_INDEX}"):
         _, path = storage.url_to_fs(storage.join(out_uri, part), storage_options)
         with contextlib.suppress(FileNotFoundError):
             if fs.exists(path):

@@ -176,7 +176,9 @@ class ChunkWorker:
         del batch_imgs
         faults.maybe_inject(index)  # tests only: die or stall here, mid-chunk (the model has run)
         t0 = time.perf_counter()
-        files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip, s.out_storage_options)
+        names = {r.image_id: r.file_name for r in records}
+        files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip,
+                                   s.out_storage_options, file_names=names)
         record = ChunkRecord(
             index=index, name=layout.chunk_name(index),
             image_ids=[p.image_id for p in proposals],
@@ -184,6 +186,9 @@ class ChunkWorker:
             files={k: {"path": relative_to(s.out_uri, v["uri"]), "bytes": v["bytes"]}
                    for k, v in files.items()},
             failed=failed, worker=self._name, attempt=attempt,
+            # The size this worker decoded: image folders list none (the plan never reads them).
+            image_info=[{"id": p.image_id, "file_name": names[p.image_id], "height": p.height,
+                         "width": p.width} for p in proposals],
         )
         write_s = time.perf_counter() - t0
         record.seconds = {"decode_wait": round(waited, 4), "model": round(model_s, 4),

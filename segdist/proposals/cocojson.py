@@ -192,3 +192,19 @@ def _counts_bytes(seg: dict[str, Any], image_id: int, source: str) -> bytes:
     if not isinstance(counts, str):
         raise SegdistError(f"{source}: image {image_id}: segmentation counts must be an RLE string")
     return counts.encode("ascii")
+
+
+def encode_images_index(images: Sequence[dict[str, Any]]) -> bytes:
+    """``images.json``: a COCO dataset of the run's images and no annotations, one image a line.
+
+    ``images`` are ``{"id", "file_name", "height", "width"}`` (written ascending by id). The one
+    category is :data:`CATEGORY_ID`, the results' own, so ``COCO(images.json).loadRes(segm file)``
+    joins results to file names with pycocotools alone.
+    """
+    rows = sorted(({"id": int(im["id"]), "file_name": str(im["file_name"]),
+                    "height": int(im["height"]), "width": int(im["width"])} for im in images),
+                  key=lambda im: im["id"])
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    return ('{"info": {"description": "the images of a segdist run"},\n"images": [\n' + lines
+            + '],\n"annotations": [],\n"categories": [{"id": %d, "name": "object", '
+            '"supercategory": "object"}]}\n' % CATEGORY_ID).encode("utf-8")

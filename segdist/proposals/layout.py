@@ -5,6 +5,7 @@ Layout for an output URI ``OUT`` (see docs/formats.md)::
     OUT/parquet/chunk-000012.parquet
     OUT/coco-json/chunk-000012.segm.json[.gz]   (only when the proposals have masks)
     OUT/coco-json/chunk-000012.bbox.json[.gz]
+    OUT/coco-json/images.json                   the run's images (id, file_name, height, width)
 
 Every file is written with :func:`segdist.storage.atomic_write`, so each appears whole or not at
 all. The files of a chunk are written in a fixed order (segm, bbox, parquet) and a chunk counts as
@@ -25,6 +26,7 @@ from segdist.proposals.types import ImageProposals
 FORMATS = ("coco-json", "parquet")
 PARQUET_DIR = "parquet"
 COCO_DIR = "coco-json"
+IMAGES_INDEX = "images.json"  # beside the COCO-JSON chunks: written by the job at its end
 # Write order: Parquet last, since it is the one file that also lists zero-proposal images.
 _ORDER = ("segm", "bbox", "parquet")
 
@@ -87,7 +89,8 @@ def _check_chunk(proposals: Sequence[ImageProposals]) -> bool:
 
 def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], formats: Iterable[str],
                 gzip: bool = False, storage_options: Mapping[str, Any] | None = None, *,
-                row_group_rows: int = parquet_format.ROW_GROUP_ROWS) -> dict[str, dict[str, Any]]:
+                row_group_rows: int = parquet_format.ROW_GROUP_ROWS,
+                file_names: Mapping[int, str] | None = None) -> dict[str, dict[str, Any]]:
     """Write chunk ``i`` in the given formats, each file atomically; images sorted by id.
 
     Args:
@@ -97,6 +100,8 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
             or all box-only (counts None).
         formats: subset of ``("coco-json", "parquet")``.
         gzip: write ``.json.gz`` instead of ``.json``.
+        file_names: image id -> the image's file name (relative path), stored in the Parquet
+            file's per-image metadata (COCO results have no place for it: ``images.json``).
     Returns:
         ``{key: {"uri", "bytes", "images", "proposals"}}`` for every file written.
     """
@@ -114,7 +119,8 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
         elif key == "bbox":
             data = cocojson.encode_bbox(ordered, gzip_output=gzip)
         else:
-            data = parquet_format.encode(ordered, row_group_rows=row_group_rows)
+            data = parquet_format.encode(ordered, row_group_rows=row_group_rows,
+                                         file_names=file_names)
         storage.atomic_write(uris[key], data, storage_options)
         # COCO results list only images with proposals; Parquet's metadata lists them all.
         images = len(ordered) if key == "parquet" else sum(1 for p in ordered if len(p))
@@ -128,3 +134,17 @@ def chunk_committed(out_uri: str, i: int, formats: Iterable[str], gzip: bool = F
     """True when every file of chunk ``i`` exists (pass ``masks=False`` for box-only runs)."""
     return all(storage.exists(u, storage_options)
                for u in chunk_uris(out_uri, i, formats, gzip, masks=masks).values())
+
+
+def images_index_uri(out_uri: str) -> str:
+    """``OUT/coco-json/images.json``."""
+    return storage.join(out_uri, COCO_DIR, IMAGES_INDEX)
+
+
+def write_images_index(out_uri: str, images: Sequence[Mapping[str, Any]],
+                       storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``OUT/coco-json/images.json`` (atomically): ``images`` are ``{"id", "file_name",
+    "height", "width"}``; see :func:`segdist.proposals.cocojson.encode_images_index`."""
+    uri = images_index_uri(out_uri)
+    storage.atomic_write(uri, cocojson.encode_images_index(images), storage_options)
+    return uri

@@ -18,15 +18,16 @@ Files are zstd-compressed with column statistics and a page index, in row groups
 ``row_group_rows`` rows, so a ``pyarrow.dataset`` filter ``image_id == k`` reads one row group.
 Because COCO results cannot represent an image without proposals, the file's key-value metadata
 (key ``segdist.images``) lists every image of the chunk: ``[{"id", "height", "width", "n", "model",
-"masks", "labels"}]`` — readers know an image with ``n = 0`` was processed, and ``masks``/``labels``
-say whether ``counts``/``labels`` were None.
+"masks", "labels"}]`` plus ``"file_name"`` (the image's path relative to its dataset) when the
+writer knows it — readers know an image with ``n = 0`` was processed, ``masks``/``labels`` say
+whether ``counts``/``labels`` were None, and the reading API finds an image by file name.
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,14 +54,22 @@ SCHEMA = pa.schema([
 ])
 
 
-def image_entries(proposals: Sequence[ImageProposals]) -> list[dict[str, Any]]:
-    """The ``segdist.images`` metadata entries of a chunk (one per image, in the given order)."""
-    return [{"id": int(p.image_id), "height": int(p.height), "width": int(p.width), "n": len(p),
+def image_entries(proposals: Sequence[ImageProposals],
+                  file_names: Mapping[int, str] | None = None) -> list[dict[str, Any]]:
+    """The ``segdist.images`` metadata entries of a chunk (one per image, in the given order);
+    ``file_name`` for the images ``file_names`` (id -> name) has."""
+    entries = []
+    for p in proposals:
+        e = {"id": int(p.image_id), "height": int(p.height), "width": int(p.width), "n": len(p),
              "model": p.model, "masks": p.counts is not None, "labels": p.labels is not None}
-            for p in proposals]
+        if file_names is not None and int(p.image_id) in file_names:
+            e["file_name"] = str(file_names[int(p.image_id)])
+        entries.append(e)
+    return entries
 
 
-def to_table(proposals: Sequence[ImageProposals]) -> pa.Table:
+def to_table(proposals: Sequence[ImageProposals],
+             file_names: Mapping[int, str] | None = None) -> pa.Table:
     """Arrow table of the proposals (rows in the given image order, ranks 0..N-1), with metadata."""
     ns = np.asarray([len(p) for p in proposals], dtype=np.int64)
     total = int(ns.sum())
@@ -93,20 +102,23 @@ def to_table(proposals: Sequence[ImageProposals]) -> pa.Table:
         pa.array(labels, pa.int32()),
     ]
     table = pa.Table.from_arrays(columns, schema=SCHEMA)
-    meta = {IMAGES_KEY: json.dumps(image_entries(proposals), separators=(",", ":")).encode(),
+    meta = {IMAGES_KEY: json.dumps(image_entries(proposals, file_names), separators=(",", ":"),
+                                   ensure_ascii=False).encode(),
             VERSION_KEY: FORMAT_VERSION.encode()}
     return table.replace_schema_metadata(meta)
 
 
-def encode(proposals: Sequence[ImageProposals], *, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+def encode(proposals: Sequence[ImageProposals], *, row_group_rows: int = ROW_GROUP_ROWS,
+           file_names: Mapping[int, str] | None = None) -> bytes:
     """The Parquet file's bytes for one chunk; images are written in ascending id order.
 
     Args:
         proposals: the chunk's images (unique ids; any order), each sorted by descending score.
         row_group_rows: maximum rows per row group (smaller: finer skipping, larger footer).
+        file_names: image id -> file name, kept in the per-image metadata.
     """
     ordered = sorted(proposals, key=lambda p: p.image_id)
-    table = to_table(ordered)
+    table = to_table(ordered, file_names)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=max(1, row_group_rows),
                    write_statistics=True, write_page_index=True, use_dictionary=["model"])

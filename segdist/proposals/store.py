@@ -17,6 +17,10 @@ COCO results cannot hold an image without proposals, nor the model name: the mod
 ``model`` argument, else ``OUT/manifest.json`` (``"model"`` string or ``{"name": ...}``), else
 ``"unknown"``. Box-only results (bbox files) give ``counts=None`` and height = width = 0 (unknown).
 
+File names: ``file_names()`` maps ids to the images' file names (paths relative to the dataset)
+where the location records them: Parquet's per-image metadata, or the ``images.json`` beside
+segdist's COCO-JSON chunks; ``get_by_file_name(name)`` reads one image by its file name.
+
 Stores are picklable and fork-safe (filesystems and open files are per process), so one store can
 be handed to DataLoader workers or Ray tasks.
 """
@@ -37,6 +41,7 @@ from segdist import storage
 from segdist.errors import SegdistError, StorageError
 from segdist.proposals import cocojson
 from segdist.proposals import parquet as parquet_format
+from segdist.proposals.layout import IMAGES_INDEX
 from segdist.proposals.types import ImageProposals
 
 _CHUNK_RE = re.compile(r"chunk-(\d+)\.(segm|bbox)\.json(\.gz)?$")
@@ -65,6 +70,7 @@ class ProposalStore:
         self.storage_options = dict(storage_options or {})
         self._pid = -1
         self._fs_obj = None
+        self._ids_by_name: dict[str, int] | None = None  # built on the first by-name lookup
 
     # Filesystems and file handles must not cross a fork (s3fs sessions are tied to an event loop).
     def _fs(self):
@@ -122,6 +128,25 @@ class ProposalStore:
 
     def _chunk_id_ranges(self) -> list[tuple[int, int]]:
         raise NotImplementedError
+
+    def file_names(self) -> dict[int, str]:
+        """Image id -> file name (relative path) for the images whose name the location records
+        (empty when it records none: files written without names, the original layout)."""
+        return {}
+
+    def image_id_of(self, file_name: str) -> int:
+        """The id of the image with this file name (raises MissingImageError if none)."""
+        if self._ids_by_name is None:
+            self._ids_by_name = {name: i for i, name in self.file_names().items()}
+        by_name = self._ids_by_name
+        if file_name not in by_name:
+            raise MissingImageError(f"no image named {file_name!r} in {self.uri} "
+                                    f"({len(by_name)} named images there)")
+        return by_name[file_name]
+
+    def get_by_file_name(self, file_name: str) -> ImageProposals:
+        """The proposals of the image with this file name (e.g. ``"2024/day1/IMG_0001.jpg"``)."""
+        return self.get(self.image_id_of(file_name))
 
     def _missing(self, image_id: int) -> MissingImageError:
         return MissingImageError(f"image {image_id} is not in {self.uri} "
@@ -245,6 +270,9 @@ class ParquetStore(ProposalStore):
             yield parquet_format.from_table(table, entries)
             del table
 
+    def file_names(self) -> dict[int, str]:
+        return {i: e["file_name"] for i, (_, e) in self._entries.items() if "file_name" in e}
+
     def _first_id(self, k: int) -> int:
         entries = self._file_entries[k]
         return entries[0]["id"] if entries else -1
@@ -360,6 +388,21 @@ class CocoResultsStore(ProposalStore):
     def _chunk_id_ranges(self) -> list[tuple[int, int]]:
         self._ensure_index()
         return self._spans
+
+    def file_names(self) -> dict[int, str]:
+        """From ``images.json`` beside segdist's COCO-JSON chunks (written by the job)."""
+        if self.kind != "coco-json" or not self.chunks:
+            return {}
+        first = next(p for p in self.chunks[0] if p is not None)
+        path = first.rsplit("/", 1)[0] + "/" + IMAGES_INDEX
+        try:
+            doc = json.loads(self._fs().cat_file(path))
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise SegdistError(f"{path} is not valid JSON ({exc})") from None
+        return {int(im["id"]): im["file_name"] for im in doc.get("images", [])
+                if "file_name" in im}
 
 
 def _model_from_manifest(fs, root: str) -> str | None:
