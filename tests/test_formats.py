@@ -487,15 +487,19 @@ def test_docs_snippets_run(tmp_path):
                             mask_utils.toBbox(r), [x["counts"] for x in r], "gt")
              for i, (m, r) in gt_masks.items()]
     out = str(tmp_path / "run")
-    layout.write_chunk(out, 0, props, BOTH)
+    file_names = {1: "2024/day 1/IMG_0001.jpg", 2: "b.png"}
+    layout.write_chunk(out, 0, props, BOTH, file_names=file_names)
+    layout.write_images_index(out, [{"id": p.image_id, "file_name": file_names[p.image_id],
+                                     "height": p.height, "width": p.width} for p in props])
     (tmp_path / "gt.json").write_text(json.dumps(gt_dict))
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "formats.md")).read()
     blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
-    assert len(blocks) == 4
+    assert len(blocks) == 5
     ns = {"OUT": out, "ANNOTATIONS": str(tmp_path / "gt.json"), "IMAGE_ID": 2}
     for block in blocks:
         exec(compile(block, "docs/formats.md", "exec"), ns)
     assert ns["ids"] == [1, 2] and ns["store"].get(1).equals(props[0])
+    assert ns["file_of"] == file_names and ns["names"] == file_names and ns["p"].equals(props[0])
     assert ns["ar_1000"] == 1.0
     np.testing.assert_array_equal(ns["boxes_xywh"], props[1].boxes)
     assert [(r[0], r[1]) for r in ns["top5"]] == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2),
