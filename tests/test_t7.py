@@ -10,185 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from segdist.models.t7 import T7FormatError, convert_tree, load_t7, read_t7
-from t7writer import (LuaFunction, LuaObject, ParamPool, Storage, Tensor, contiguous_strides,
-                      empty_tensor, save_t7)
+from t7writer import (HEADS, LuaFunction, LuaObject, Storage, Tensor, Variant, contiguous_strides,
+                      deepmask_file, save_t7, sharpmask_file)
 
-# Small heads so the tests are quick: i_sz 32 (f = 2, window 64), 8x8 mask logits.
-HEADS = dict(i_sz=32, feat_ch=8, fc_dim=16, o_sz=8, score_hidden=8)
-BLOCKS = {"resnet18": ("basic", (2, 2, 2)), "resnet50": ("bottleneck", (3, 4, 6))}
-
-
-# ---------------------------------------------------------------------------------------------
-# building a module tree as the original code leaves it
-
-
-class TreeBuilder:
-    """nn.X objects with random weights whose tensors are views into shared flat storages
-    (weights in one, gradients in another, as getParameters() leaves them)."""
-
-    def __init__(self, seed: int, affine_shape: str):
-        self.rng = np.random.default_rng(seed)
-        self.affine_shape = affine_shape
-        self.new_pools()
-
-    def new_pools(self) -> None:
-        self.params, self.grads = ParamPool(), ParamPool()
-        self.all_pools = getattr(self, "all_pools", []) + [self.params, self.grads]
-
-    def finish(self) -> None:
-        for p in self.all_pools:
-            p.finish()
-
-    def module(self, typename: str, **fields) -> LuaObject:
-        base = {"output": empty_tensor(), "gradInput": empty_tensor(), "train": False,
-                "_type": "torch.CudaTensor"}
-        base.update(fields)
-        return LuaObject(typename, base)
-
-    def weights(self, array: np.ndarray) -> dict:
-        return {"weight": self.params.view(array), "gradWeight": self.grads.view(np.zeros_like(array))}
-
-    def conv(self, n_in: int, n_out: int, k: int, stride: int = 1) -> LuaObject:
-        w = self.rng.normal(0, np.sqrt(2.0 / (n_in * k * k)), (n_out, n_in, k, k))
-        b = self.rng.normal(0, 0.1, n_out)
-        return self.module(
-            "cudnn.SpatialConvolution", nInputPlane=n_in, nOutputPlane=n_out, kW=k, kH=k,
-            dW=stride, dH=stride, padW=0, padH=0, groups=1, **self.weights(w),
-            bias=self.params.view(b), gradBias=self.grads.view(np.zeros(n_out)),
-            iSize=Tensor(Storage("torch.LongStorage", np.array([1, n_in, 8, 8])), 0, (4,), (1,),
-                         "torch.LongTensor"),
-            accUpdateGradParameters=LuaFunction())
-
-    def sympad(self, p: int) -> LuaObject:
-        return self.module("nn.SpatialSymmetricPadding", pad_l=p, pad_r=p, pad_t=p, pad_b=p)
-
-    def padded_conv(self, n_in: int, n_out: int, k: int, stride: int = 1) -> LuaObject:
-        return self.seq(self.sympad(k // 2), self.conv(n_in, n_out, k, stride))
-
-    def affine(self, c: int) -> LuaObject:
-        shape = (1, c, 1, 1) if self.affine_shape == "1xCx1x1" else (c,)
-        a = self.rng.uniform(0.5, 1.0, shape)
-        b = self.rng.normal(0, 0.1, shape)
-        return self.module("nn.SpatialConstDiagonal", a=self.params.view(a), b=self.params.view(b),
-                           inplace=True)
-
-    def relu(self) -> LuaObject:
-        return self.module("cudnn.ReLU", inplace=True, mode="CUDNN_ACTIVATION_RELU")
-
-    def seq(self, *mods, typename: str = "nn.Sequential") -> LuaObject:
-        return self.module(typename, modules=list(mods))
-
-    def linear(self, n_in: int, n_out: int) -> LuaObject:
-        w = self.rng.normal(0, np.sqrt(1.0 / n_in), (n_out, n_in))
-        return self.module("nn.Linear", **self.weights(w), bias=self.params.view(self.rng.normal(0, 0.1, n_out)),
-                           gradBias=self.grads.view(np.zeros(n_out)),
-                           accUpdateGradParameters=LuaFunction())
-
-    def view(self, *size) -> LuaObject:
-        return self.module("nn.View", size=Storage("torch.LongStorage", np.array(size)),
-                           numElements=int(np.prod(size[1:])))
-
-    def block(self, kind: str, n_in: int, planes: int, stride: int) -> tuple[LuaObject, int]:
-        if kind == "bottleneck":
-            out = planes * 4
-            branch = self.seq(self.conv(n_in, planes, 1), self.affine(planes), self.relu(),
-                              self.padded_conv(planes, planes, 3, stride), self.affine(planes),
-                              self.relu(), self.conv(planes, out, 1))
-        else:
-            out = planes
-            branch = self.seq(self.padded_conv(n_in, planes, 3, stride), self.affine(planes),
-                              self.relu(), self.padded_conv(planes, planes, 3))
-        short = self.conv(n_in, out, 1, stride) if (stride != 1 or n_in != out) else self.module("nn.Identity")
-        cat = self.seq(branch, short, typename="nn.ConcatTable")
-        return self.seq(cat, self.module("nn.CAddTable", inplace=True), self.affine(out),
-                        self.relu()), out
-
-    def trunk(self, arch: str) -> LuaObject:
-        kind, counts = BLOCKS[arch]
-        mods = [self.padded_conv(3, 64, 7, 2), self.affine(64), self.relu(),
-                self.module("cudnn.SpatialMaxPooling", kW=3, kH=3, dW=2, dH=2, padW=1, padH=1,
-                            ceil_mode=False,
-                            indices=Tensor(Storage("torch.CudaLongStorage", np.zeros(4, np.int64)),
-                                           0, (1, 1, 2, 2), (4, 4, 2, 1), "torch.CudaLongTensor"))]
-        n = 64
-        for li, (planes, count) in enumerate(zip((64, 128, 256), counts)):
-            blocks = []
-            for j in range(count):
-                blk, n = self.block(kind, n, planes, 2 if li and j == 0 else 1)
-                blocks.append(blk)
-            mods.append(self.seq(*blocks))
-        f = HEADS["i_sz"] // 16
-        mods += [self.module("nn.SpatialZeroPadding", pad_l=-1, pad_r=-1, pad_t=-1, pad_b=-1),
-                 self.conv(n, HEADS["feat_ch"], 1), self.relu(),
-                 self.view(32, HEADS["feat_ch"] * f * f),
-                 self.linear(HEADS["feat_ch"] * f * f, HEADS["fc_dim"])]
-        return self.seq(*mods)
-
-    def deepmask_parts(self, arch: str) -> dict:
-        trunk = self.trunk(arch)
-        self.new_pools()  # each branch has its own flat storage
-        o = HEADS["o_sz"]
-        mask = self.seq(self.seq(self.linear(HEADS["fc_dim"], o * o)),
-                        self.seq(self.module("nn.Copy"), self.view(32, o, o),
-                                 self.module("nn.SpatialReSamplingEx", owidth=2 * o, oheight=2 * o),
-                                 self.view(32, 4 * o * o), self.module("nn.Copy")))
-        self.new_pools()
-        score = self.seq(self.module("nn.Dropout", p=0.5),
-                         self.linear(HEADS["fc_dim"], HEADS["score_hidden"]),
-                         self.module("nn.Threshold", threshold=0, val=1e-6),
-                         self.module("nn.Dropout", p=0.5), self.linear(HEADS["score_hidden"], 1))
-        return {"trunk": trunk, "maskBranch": mask, "scoreBranch": score,
-                "fSz": HEADS["i_sz"] // 16}
-
-    def refinement(self, arch: str, km: int) -> tuple[list, dict, dict]:
-        self.new_pools()
-        f = HEADS["i_sz"] // 16
-        exp = 4 if BLOCKS[arch][0] == "bottleneck" else 1
-        nhu = [(256 * exp, 64), (128 * exp, 64), (64 * exp, 64), (64, 32)]
-        n0 = self.seq(self.linear(HEADS["fc_dim"], f * f * km), self.view(32, km, f, f))
-        neths, netvs, refs = [], {0: n0}, {0: n0}
-        for i, (nhu1, nhu2) in enumerate(nhu, start=1):
-            c = km // 2 ** (i - 1)
-            hm = [] if i == 1 else [self.module("nn.SpatialZeroPadding", pad_l=-2 ** (i - 1),
-                                                pad_r=-2 ** (i - 1), pad_t=-2 ** (i - 1),
-                                                pad_b=-2 ** (i - 1))]
-            hm += [self.sympad(1), self.conv(nhu1, nhu2, 3), self.relu(), self.sympad(1),
-                   self.conv(nhu2, c, 3), self.relu(), self.sympad(1), self.conv(c, c // 2, 3)]
-            h = self.seq(*hm)
-            v = self.seq(self.sympad(1), self.conv(c, c, 3), self.relu(), self.sympad(1),
-                         self.conv(c, c // 2, 3))
-            neths.append(h)
-            netvs[i] = v
-            ref = self.seq(self.seq(h, v, typename="nn.ParallelTable"),
-                           self.module("nn.CAddTable"), self.relu(),
-                           self.module("nn.SpatialUpSamplingNearest", scale_factor=2))
-            refs[i] = ref
-        last = refs[4].fields["modules"]
-        last += [self.sympad(1), self.conv(km // 16, 1, 3), self.view(32, HEADS["i_sz"] ** 2)]
-        return neths, netvs, refs
-
-
-def config_table(**extra) -> dict:
-    return {"iSz": HEADS["i_sz"], "oSz": HEADS["o_sz"], "gSz": 2 * HEADS["o_sz"], "batch": 32,
-            "lr": 0.001, "rundir": "exps/", "hfreq": 0.5, **extra}
-
-
-def deepmask_file(arch: str, affine_shape: str, seed: int = 0) -> dict:
-    b = TreeBuilder(seed, affine_shape)
-    model = b.module("nn.DeepMask", **b.deepmask_parts(arch))
-    b.finish()
-    return {"model": model, "config": config_table()}
-
-
-def sharpmask_file(arch: str, affine_shape: str, km: int = 16, seed: int = 0) -> dict:
-    b = TreeBuilder(seed, affine_shape)
-    parts = b.deepmask_parts(arch)
-    neths, netvs, refs = b.refinement(arch, km)
-    model = b.module("nn.SharpMask", km=km, ks=km, skpos=[8, 6, 5, 3], trunk=parts["trunk"],
-                     scoreBranch=parts["scoreBranch"], maskBranchDM=parts["maskBranch"],
-                     fSz=parts["fSz"], neths=neths, netvs=netvs, refs=refs, inps={})
-    b.finish()
-    return {"model": model, "config": config_table(km=km, ks=km, gSz=HEADS["i_sz"], dm="/x")}
+C_AFFINE = Variant(affine_shape="C")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +44,12 @@ def run(m: LuaObject, x, record: dict | None = None, key: str = ""):
     if t == "nn.SpatialZeroPadding":  # negative pads: a crop
         h, w = x.shape[-2:]
         return x[..., -fl["pad_t"]:h + fl["pad_b"], -fl["pad_l"]:w + fl["pad_r"]]
-    if t == "cudnn.SpatialConvolution":
-        return F.conv2d(x, arr(fl["weight"]), arr(fl["bias"]), stride=fl["dW"])
-    if t == "nn.SpatialConstDiagonal":
+    if t in ("cudnn.SpatialConvolution", "nn.SpatialConvolutionMM"):
+        # MM keeps its weight as a matrix [out, in*kH*kW]; a conv saved after noBias() has none
+        w = arr(fl["weight"]).reshape(fl["nOutputPlane"], fl["nInputPlane"], fl["kH"], fl["kW"])
+        bias = arr(fl["bias"]) if "bias" in fl else None
+        return F.conv2d(x, w, bias, stride=(fl["dH"], fl["dW"]))
+    if t in ("nn.SpatialConstDiagonal", "inn.ConstAffine"):
         return x * arr(fl["a"]).reshape(1, -1, 1, 1) + arr(fl["b"]).reshape(1, -1, 1, 1)
     if t == "cudnn.ReLU":
         return torch.relu(x)
@@ -241,8 +69,11 @@ def run(m: LuaObject, x, record: dict | None = None, key: str = ""):
 
 
 def dense_reference(trunk: LuaObject, x: torch.Tensor) -> torch.Tensor:
-    """The whole-image embedding map: trunk without crop/View, Linear as an f x f conv."""
+    """The whole-image embedding map: trunk without crop/View, Linear as an f x f conv (what the
+    original's linear2convTrunk does; a tree already in that form just runs)."""
     mods = trunk.fields["modules"]
+    if mods[11].typename != "nn.Linear":
+        return run(trunk, x)
     for m in mods[:7]:
         x = run(m, x)
     x = torch.relu(run(mods[8], x))
@@ -268,51 +99,91 @@ def windows():
     return torch.randn(2, 3, HEADS["i_sz"] + 32, HEADS["i_sz"] + 32, generator=g)
 
 
-@pytest.mark.parametrize("affine_shape", ["1xCx1x1", "C"])
-def test_deepmask_resnet18_layout_equals_reference(tmp_path, windows, affine_shape):
-    tree = deepmask_file("resnet18", affine_shape)
-    path = tmp_path / "model.t7"
-    save_t7(tree, str(path))
-    conv, digest = load_t7(str(path))
-    assert conv.kind == "deepmask" and len(digest) == 64
-    assert conv.settings == {"arch": "resnet18", "layout": "released", **HEADS}
-    assert conv.original_config["rundir"] == "exps/" and conv.original_config["batch"] == 32
+def check_deepmask(conv, tree: dict, windows: torch.Tensor) -> None:
+    """The converted DeepMask computes what the Lua tree computes: training windows (masks and
+    scores) and the dense whole-image path on a non-square image (every cell's score and mask)."""
     m = tree["model"].fields
+    inference_form = m["trunk"].fields["modules"][11].typename != "nn.Linear"
     with torch.no_grad():
-        masks, scores = conv.model(windows)
-        emb = run(m["trunk"], windows)
-        ref_masks = run(m["maskBranch"].fields["modules"][0], emb).reshape(masks.shape)
-        ref_scores = run(m["scoreBranch"], emb)[:, 0]
-        close(masks, ref_masks)
-        close(scores, ref_scores)
-        # Dense path on a non-square image: the Linear as an f x f convolution.
+        if not inference_form:  # windows through the crop, View and Linear
+            masks, scores = conv.model(windows)
+            emb = run(m["trunk"], windows)
+            close(masks, run(m["maskBranch"].fields["modules"][0], emb).reshape(masks.shape))
+            close(scores, run(m["scoreBranch"], emb)[:, 0])
         img = torch.randn(1, 3, 96, 80, generator=torch.Generator().manual_seed(1))
         dense = conv.model.features(img)
         ref_dense = dense_reference(m["trunk"], img)
         close(dense, ref_dense)
-        close(conv.model.score_map(dense), run(m["scoreBranch"], ref_dense.permute(0, 2, 3, 1))[..., 0])
+        _, _, h, w = dense.shape
+        cells = torch.stack(torch.meshgrid(torch.zeros(1, dtype=torch.long), torch.arange(h),
+                                           torch.arange(w), indexing="ij"), -1).reshape(-1, 3)
+        got_masks = conv.model.masks_at(dense, cells)  # K x o x o, cells row-major
+        if inference_form:  # heads as 1x1 convolutions over the map
+            ref_scores = run(m["scoreBranch"], ref_dense)[:, 0]
+            ref_masks = run(m["maskBranch"], ref_dense)[0].permute(1, 2, 0)
+        else:
+            ref_scores = run(m["scoreBranch"], ref_dense.permute(0, 2, 3, 1))[..., 0]
+            ref_masks = run(m["maskBranch"].fields["modules"][0], ref_dense[0].permute(1, 2, 0))
+        close(conv.model.score_map(dense), ref_scores)
+        close(got_masks, ref_masks.reshape(got_masks.shape))
 
 
-def test_deepmask_resnet50_structure(tmp_path, windows):
-    tree = deepmask_file("resnet50", "1xCx1x1", seed=5)
+def convert(tree: dict, tmp_path) -> tuple:
     path = tmp_path / "model.t7"
     save_t7(tree, str(path))
-    conv, _ = load_t7(str(path))
-    assert conv.settings["arch"] == "resnet50"
-    m = tree["model"].fields
-    with torch.no_grad():
-        masks, scores = conv.model(windows[:1])
-        emb = run(m["trunk"], windows[:1])
-        close(masks, run(m["maskBranch"].fields["modules"][0], emb).reshape(masks.shape))
-        close(scores, run(m["scoreBranch"], emb)[:, 0])
+    return load_t7(str(path))
 
 
-def test_sharpmask_equals_reference(tmp_path, windows):
-    tree = sharpmask_file("resnet18", "C")
-    path = tmp_path / "sharp.t7"
-    save_t7(tree, str(path))
-    conv, _ = load_t7(str(path))
+@pytest.mark.parametrize("affine_shape", ["1xCx1x1", "C"])
+def test_deepmask_resnet18_layout_equals_reference(tmp_path, windows, affine_shape):
+    tree = deepmask_file("resnet18", Variant(affine_shape=affine_shape))
+    conv, digest = convert(tree, tmp_path)
+    assert conv.kind == "deepmask" and len(digest) == 64
+    assert conv.settings == {"arch": "resnet18", "layout": "released", **HEADS}
+    assert conv.original_config["rundir"] == "exps/" and conv.original_config["batch"] == 32
+    check_deepmask(conv, tree, windows)
+
+
+# Every layout a released model.t7 may have (variant, trunk, the layout it maps onto). The first
+# five converted before the converter read blocks by structure; the rest are the forms that
+# fb.resnet.torch and the original Caffe ResNets leave open.
+VARIANTS = {
+    "affine-C-ConstAffine": (Variant(affine_shape="C", affine_type="inn.ConstAffine"),
+                             "resnet18", "released"),
+    "shortcut-in-Sequential": (Variant(shortcut="seq"), "resnet50", "released"),
+    "convs-without-bias": (Variant(bias=False), "resnet18", "released"),
+    "SpatialConvolutionMM": (Variant(conv_type="nn.SpatialConvolutionMM"), "resnet18", "released"),
+    "inference-form": (Variant(inference_form=True), "resnet18", "released"),
+    "stride-on-1x1": (Variant(stride_on="1x1"), "resnet50", "released+stride-1x1"),
+    "resnet-lua": (Variant(block="resnet-lua"), "resnet50", "resnet-lua"),
+    "resnet-lua-stride-on-1x1": (Variant(block="resnet-lua", stride_on="1x1"), "resnet50",
+                                 "resnet-lua+stride-1x1"),
+    "resnet-lua-basic": (Variant(block="resnet-lua", affine_shape="C"), "resnet18", "resnet-lua"),
+    "released-conv-bn-shortcut": (Variant(shortcut="conv-bn"), "resnet50",
+                                  "released+shortcut-affine"),
+    "resnet-lua-bare-shortcut": (Variant(block="resnet-lua", shortcut="bare", stride_on="1x1"),
+                                 "resnet50", "resnet-lua+shortcut-bare+stride-1x1"),
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_layout_variant_equals_reference(tmp_path, windows, name):
+    variant, arch, layout = VARIANTS[name]
+    tree = deepmask_file(arch, variant, seed=5)
+    conv, _ = convert(tree, tmp_path)
+    assert conv.settings == {"arch": arch, "layout": layout, **HEADS}
+    assert conv.model.cfg.layout == layout
+    check_deepmask(conv, tree, windows[:1])
+
+
+@pytest.mark.parametrize("arch, variant, layout", [
+    ("resnet18", C_AFFINE, "released"),
+    ("resnet50", Variant(block="resnet-lua", stride_on="1x1"), "resnet-lua+stride-1x1")])
+def test_sharpmask_equals_reference(tmp_path, windows, arch, variant, layout):
+    tree = sharpmask_file(arch, variant)
+    conv, _ = convert(tree, tmp_path)
     assert conv.kind == "sharpmask" and conv.settings["km"] == 16 and conv.settings["ks"] == 16
+    assert conv.settings["layout"] == layout
     m = tree["model"].fields
     with torch.no_grad():
         masks, scores = conv.model(windows)
@@ -333,7 +204,7 @@ def _find(tree, path: list):
 
 
 def test_unknown_module_is_refused_with_its_path(tmp_path):
-    tree = deepmask_file("resnet18", "C")
+    tree = deepmask_file("resnet18", C_AFFINE)
     # layer1 (trunk module 5), block 1, its residual branch: replace the affine after the first conv
     branch = _find(tree, ["trunk", 4, 0, 0, 0])
     branch.fields["modules"][1] = LuaObject("nn.Foo", {"x": 1})
@@ -346,17 +217,82 @@ def test_unknown_module_is_refused_with_its_path(tmp_path):
 
 
 def test_other_malformed_trees_are_refused(tmp_path):
-    tree = deepmask_file("resnet18", "C")
+    tree = deepmask_file("resnet18", C_AFFINE)
     conv = _find(tree, ["trunk", 0]).fields["modules"][1]
     conv.fields["padW"] = conv.fields["padH"] = 3  # zero padding instead of symmetric
     with pytest.raises(T7FormatError, match=r"model\.trunk\.modules\[1\]\.modules\[2\]: expected no built-in"):
         convert_tree(read_back(tree, tmp_path))
-    tree = deepmask_file("resnet18", "C")
+    tree = deepmask_file("resnet18", C_AFFINE)
     tree["model"].fields["trunk"].fields["modules"][5].fields["modules"].pop()  # layer2 of 1 block
     with pytest.raises(T7FormatError, match=r"basic blocks \[2, 1, 2\]"):
         convert_tree(read_back(tree, tmp_path))
     with pytest.raises(T7FormatError, match="expected nn.DeepMask or nn.SharpMask, found nn.Linear"):
         convert_tree(read_back({"model": LuaObject("nn.Linear", {}), "config": {}}, tmp_path))
+
+
+def _mix_block_forms(tree):
+    # layer2's second block taken from a resnet.lua-style tree of the same shapes
+    lua = deepmask_file("resnet18", Variant(block="resnet-lua"), seed=1)
+    _find(tree, ["trunk", 5]).fields["modules"][1] = _find(lua, ["trunk", 5, 1])
+
+
+def _set_stride(conv, s):
+    conv.fields["dW"] = conv.fields["dH"] = s
+
+
+def _identity_projection(tree):
+    _find(tree, ["trunk", 5, 0, 0]).fields["modules"][1] = LuaObject("nn.Identity", {})
+
+
+def _affine_twice(tree):
+    # a released block (affine after the addition) whose branch also ends with an affine
+    branch = _find(tree, ["trunk", 4, 0, 0, 0])
+    branch.fields["modules"].append(_find(tree, ["trunk", 4, 0, 2]))
+
+
+# Trees that cannot be mapped: (arch, variant, mutation, the whole one-line error)
+REFUSED = {
+    "mixed-block-forms": ("resnet18", Variant(), _mix_block_forms,
+                          "model.trunk.modules[6].modules[2]: this block has its BatchNorm after the "
+                          "last convolution (3 modules) but model.trunk.modules[5].modules[1] has "
+                          "its BatchNorm after the addition (4 modules); a trunk must use one block "
+                          "layout"),
+    "stride-on-both-convs": ("resnet50", Variant(stride_on="1x1"),
+                             lambda t: _set_stride(_find(t, ["trunk", 5, 0, 0, 0, 3, 1]), 2),
+                             "model.trunk.modules[6].modules[1].modules[1].modules[1]: a downsampling "
+                             "bottleneck needs stride 2 on its first 1x1 or on its 3x3 convolution "
+                             "(one of them), found 2 and 2"),
+    "stride-in-a-plain-block": ("resnet50", Variant(),
+                                lambda t: _set_stride(_find(t, ["trunk", 5, 1, 0, 0, 0]), 2),
+                                "model.trunk.modules[6].modules[2].modules[1].modules[1].modules[1]: "
+                                "expected stride 1, found 2x2"),
+    "stride-position-mixed": ("resnet50", Variant(), lambda t: (
+        _set_stride(_find(t, ["trunk", 6, 0, 0, 0, 0]), 2),
+        _set_stride(_find(t, ["trunk", 6, 0, 0, 0, 3, 1]), 1)),
+        "model.trunk.modules[7].modules[1]: this block has the stride on the first 1x1 "
+        "convolution but model.trunk.modules[6].modules[1] has the stride on the 3x3 convolution; "
+        "a trunk must use one block layout"),
+    "identity-where-projection-needed": ("resnet18", Variant(), _identity_projection,
+                                         "model.trunk.modules[6].modules[1].modules[1].modules[2]: "
+                                         "expected a projection shortcut (1x1 convolution, stride 2, "
+                                         "bare or in nn.Sequential with a SpatialConstDiagonal after "
+                                         "it), found nn.Identity"),
+    "affine-before-and-after-the-addition": (
+        "resnet18", Variant(), _affine_twice,
+        "model.trunk.modules[5].modules[1].modules[1].modules[1]: expected 7 (bottleneck) or 4 "
+        "(basic) modules in nn.Sequential, found 5: the block applies its BatchNorm after the "
+        "addition, so the branch ends with its last convolution"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED)
+def test_unmappable_trees_are_refused_with_path_and_expectation(tmp_path, name):
+    arch, variant, mutate, message = REFUSED[name]
+    tree = deepmask_file(arch, variant)
+    mutate(tree)
+    with pytest.raises(T7FormatError) as err:
+        convert_tree(read_back(tree, tmp_path))
+    assert str(err.value) == message
 
 
 def read_back(tree, tmp_path):
@@ -366,7 +302,7 @@ def read_back(tree, tmp_path):
 
 
 def test_truncated_or_foreign_files_give_clear_errors(tmp_path):
-    tree = deepmask_file("resnet18", "C")
+    tree = deepmask_file("resnet18", C_AFFINE)
     path = tmp_path / "model.t7"
     save_t7(tree, str(path))
     data = path.read_bytes()
@@ -401,7 +337,7 @@ def test_convert_t7_command_from_and_to_s3(tmp_path, s3_bucket, capsys, windows)
     from segdist.models.checkpoint import load_model
 
     bucket, opts = s3_bucket
-    tree = deepmask_file("resnet18", "1xCx1x1", seed=3)
+    tree = deepmask_file("resnet18", seed=3)
     local = tmp_path / "model.t7"
     save_t7(tree, str(local))
     fs = s3fs.S3FileSystem(**opts)
@@ -441,7 +377,7 @@ def test_generator_loads_the_original_t7_directly(tmp_path):
     from segdist.models.checkpoint import save_checkpoint
     from segdist.models.generator import build_generator
 
-    tree = deepmask_file("resnet18", "C", seed=5)
+    tree = deepmask_file("resnet18", C_AFFINE, seed=5)
     t7_path = tmp_path / "model.t7"
     save_t7(tree, str(t7_path))
     conv, _ = load_t7(str(t7_path))
@@ -455,3 +391,26 @@ def test_generator_loads_the_original_t7_directly(tmp_path):
     assert from_t7.weights_sha256 == hashlib.sha256(t7_path.read_bytes()).hexdigest()
     a, b = from_t7([image], [1])[0], from_ckpt([image], [1])[0]
     assert len(a) == 20 and a.equals(b)
+
+
+@pytest.mark.parametrize("layout, radius", [("released", 133), ("released+stride-1x1", 145)])
+def test_receptive_radius_of_the_stride_positions(layout, radius):
+    """``rf_radius`` (the tiling halo) is the exact field of a layer3 cell for both stride
+    positions: with positive weights, no bias and the max pool as an average of the same geometry,
+    nothing cancels, so the input gradient of one cell is nonzero exactly on its field."""
+    from segdist.models.trunk import build_trunk
+
+    trunk = build_trunk("resnet50", layout).double()
+    assert trunk.rf_radius == radius
+    with torch.no_grad():
+        for name, p in trunk.named_parameters():
+            p.copy_(torch.full_like(p, 0.0) if name.endswith("bias")
+                    else torch.full_like(p, 1.0 / p[0].numel()))
+    trunk.maxpool = torch.nn.AvgPool2d(3, 2, 1)
+    x = torch.rand(1, 3, 336, 336, dtype=torch.float64, requires_grad=True)
+    r = 10  # layer3 cell (10, 10) is centred on pixel (160, 160); its field stays inside the image
+    trunk(x)["layer3"][0, :, r, r].sum().backward()
+    rows = x.grad[0].abs().sum(dim=(0, 2)).nonzero()[:, 0]
+    cols = x.grad[0].abs().sum(dim=(0, 1)).nonzero()[:, 0]
+    for found in (rows, cols):
+        assert (int(found.min()), int(found.max())) == (16 * r - radius, 16 * r + radius)

@@ -5,13 +5,19 @@ Torch7 (read here with the ``torchfile`` package). The module tree is walked exa
 
 - trunk (``nn.Sequential``, Lua indices): [1] ``Sequential{SpatialSymmetricPadding(3), conv 7x7/2}``,
   [2] ``SpatialConstDiagonal`` (a folded BatchNorm: ``a``, ``b`` of shape 1xCx1x1 or C), [3] ReLU,
-  [4] max pool 3x3/2 pad 1, [5..7] layer1..3 of residual blocks in the released (fb.resnet.torch)
-  layout, [8] ``SpatialZeroPadding(-1)`` crop, [9] 1x1 conv, [10] ReLU, [11] ``View``,
-  [12] ``Linear(feat_ch*f*f, fc_dim)``;
-- residual block: ``Sequential{ConcatTable{branch, shortcut}, CAddTable, SpatialConstDiagonal,
-  ReLU}`` with branch ``Sequential{1x1, SCD, ReLU, Sequential{SymPad(1), 3x3 (stride)}, SCD, ReLU,
-  1x1}`` (bottleneck) or ``Sequential{Seq{SymPad(1), 3x3 (stride)}, SCD, ReLU, Seq{SymPad(1), 3x3}}``
-  (basic), shortcut a bare 1x1 conv (or ``Sequential{conv}``) or ``Identity``;
+  [4] max pool 3x3/2 pad 1, [5..7] layer1..3 of residual blocks, [8] ``SpatialZeroPadding(-1)``
+  crop, [9] 1x1 conv, [10] ReLU, [11] ``View``, [12] ``Linear(feat_ch*f*f, fc_dim)``;
+- residual blocks, read by their structure: ``Sequential{ConcatTable{branch, shortcut}, CAddTable,
+  SpatialConstDiagonal, ReLU}`` (fb.resnet.torch's pretrained ResNet-50: BatchNorm after the
+  addition) or ``Sequential{ConcatTable{branch, shortcut}, CAddTable, ReLU}`` (fb.resnet.torch's
+  ``models/resnet.lua``: the branch ends with a BatchNorm); branch ``Sequential{1x1, SCD, ReLU,
+  Sequential{SymPad(1), 3x3}, SCD, ReLU, 1x1[, SCD]}`` (bottleneck; a downsampling block strides
+  in the 3x3 or in the first 1x1) or ``Sequential{Seq{SymPad(1), 3x3 (stride)}, SCD, ReLU,
+  Seq{SymPad(1), 3x3}[, SCD]}`` (basic); shortcut a bare 1x1 conv, ``Sequential{conv}``,
+  ``Sequential{conv, SCD}`` where the block changes channels or resolution, else ``Identity``.
+  Each trunk uses one of these forms throughout; it maps onto the matching ``Trunk`` layout
+  (``released``, ``resnet-lua`` and their ``+shortcut-*`` / ``+stride-1x1`` forms, see
+  :mod:`segdist.models.trunk`), recorded as ``layout`` in the settings;
 - DeepMask heads: ``maskBranch = Sequential{Sequential{Linear(fc_dim, o*o)}, upsampling}``,
   ``scoreBranch = Sequential{Dropout, Linear, Threshold(0, 1e-6), Dropout, Linear}``;
 - SharpMask: the refinement as ``refs[0]`` (``Sequential{Linear, View}``) and ``refs[1..4]``
@@ -28,10 +34,7 @@ nn.Sequential, found nn.Foo`` (indices are Lua's, 1-based, as in the original co
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from segdist.errors import SegdistError
-from segdist.storage import is_local, read_bytes, url_to_fs
+from segdist.models.t7file import (T7FormatError, expect, lua_get, need_field, number_field,
+                                   read_t7, submodules, tensor_field, typename)
 
 CONV = ("cudnn.SpatialConvolution", "nn.SpatialConvolution", "nn.SpatialConvolutionMM")
 LINEAR = ("nn.Linear",)
@@ -51,196 +54,8 @@ SEQ = ("nn.Sequential",)
 SYMPAD = ("nn.SpatialSymmetricPadding",)
 
 
-class T7FormatError(SegdistError):
-    """A .t7 file cannot be read, or its module tree is not a DeepMask/SharpMask we know."""
-
-
 # ---------------------------------------------------------------------------------------------
-# reading the file
-
-
-def _register_readers() -> None:
-    """Tensor/storage readers for torchfile that bound-check every view.
-
-    torchfile's own readers build ``as_strided`` views without checking that the storage holds the
-    view (a truncated file would read foreign memory) and have none for CudaLong/Half types.
-    Registering is idempotent; it replaces torchfile's readers for these types process-wide.
-    """
-    import torchfile
-
-    dtypes = {
-        "Float": np.float32, "Double": np.float64, "Long": np.int64, "Int": np.int32,
-        "Short": np.int16, "Char": np.int8, "Byte": np.uint8, "Half": np.float16,
-    }
-    for prefix in ("torch.", "torch.Cuda"):
-        for kind, dtype in dtypes.items():
-            cuda_float = prefix == "torch.Cuda" and kind == "Float"
-            tname = (prefix + ("" if cuda_float else kind) + "Tensor").encode()
-            sname = (prefix + ("" if cuda_float else kind) + "Storage").encode()
-            torchfile.type_handlers[tname] = _tensor_reader(dtype)
-            torchfile.type_handlers[sname] = _storage_reader(dtype)
-
-
-def _storage_reader(dtype):
-    def read(reader, version):
-        size = reader.read_long()
-        if size < 0:
-            raise T7FormatError(f"negative storage size {size}")
-        data = reader.f.read(size * np.dtype(dtype).itemsize)
-        if len(data) != size * np.dtype(dtype).itemsize:
-            raise T7FormatError("the file ends inside a storage (truncated?)")
-        return np.frombuffer(data, dtype=dtype)
-    return read
-
-
-def _tensor_reader(dtype):
-    def read(reader, version):
-        ndim = reader.read_int()
-        if not 0 <= ndim <= 16:
-            raise T7FormatError(f"tensor with {ndim} dimensions")
-        size = reader.read_long_array(ndim)
-        stride = reader.read_long_array(ndim)
-        offset = reader.read_long() - 1  # Lua offsets are 1-based
-        storage = reader.read_obj()
-        if storage is None or ndim == 0:
-            return np.empty(0, dtype=dtype)
-        if not isinstance(storage, np.ndarray):
-            raise T7FormatError("tensor whose storage is not a storage")
-        if any(s <= 0 for s in size):
-            return np.empty(size if all(s >= 0 for s in size) else 0, dtype=storage.dtype)
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if offset < 0 or min(stride) < 0 or last >= storage.size:
-            raise T7FormatError(f"tensor view (offset {offset}, size {size}, stride {stride}) "
-                                f"outside its storage of {storage.size} elements")
-        item = storage.dtype.itemsize
-        return np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                               strides=[s * item for s in stride])
-    return read
-
-
-def read_t7(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
-    """The object stored in a Torch7 binary file at ``uri`` (any fsspec URI), and its sha256.
-
-    Lua tables become dicts (or lists for keys 1..n, 0-indexed), torch objects
-    ``torchfile.TorchObject``, tensors numpy views into their storages. Raises T7FormatError if the
-    file is not a readable Torch7 binary file.
-    """
-    import struct
-
-    import torchfile
-
-    _register_readers()
-    local = is_local(uri)
-    if local:
-        fs, path = url_to_fs(uri, storage_options)
-        if not os.path.exists(path):
-            raise T7FormatError(f"{uri} does not exist")
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        digest = h.hexdigest()
-    else:
-        data = read_bytes(uri, storage_options)
-        digest = hashlib.sha256(data).hexdigest()
-        tmp = tempfile.NamedTemporaryFile(suffix=".t7", delete=False)
-        with tmp:
-            tmp.write(data)
-        path = tmp.name
-    try:
-        with open(path, "rb") as f:
-            try:
-                obj = torchfile.T7Reader(f).read_obj()
-            except T7FormatError as exc:
-                raise T7FormatError(f"cannot read {uri} as a Torch7 file: {exc}") from exc
-            except (torchfile.T7ReaderException, struct.error, NotImplementedError, ValueError,
-                    OverflowError, MemoryError, UnicodeDecodeError) as exc:
-                raise T7FormatError(f"cannot read {uri} as a Torch7 binary file "
-                                    f"({type(exc).__name__}: {exc}); is it a model.t7 "
-                                    "saved by torch.save in binary mode?") from exc
-    finally:
-        if not local:
-            os.unlink(path)
-    return obj, digest
-
-
-# ---------------------------------------------------------------------------------------------
-# walking the module tree
-
-
-def _is_object(obj: Any) -> bool:
-    import torchfile
-
-    return isinstance(obj, torchfile.TorchObject)
-
-
-def typename(obj: Any) -> str:
-    """The torch class of a torchfile object, or a description of a plain Lua value."""
-    if _is_object(obj):
-        t = obj.torch_typename()
-        return t.decode() if isinstance(t, bytes) else str(t)
-    if obj is None:
-        return "nil"
-    if isinstance(obj, np.ndarray):
-        return "a tensor"
-    if isinstance(obj, (dict, list)):
-        return "a table"
-    return f"a {type(obj).__name__} ({obj!r:.40})"
-
-
-def _get(obj: Any, key: str) -> Any:
-    """Field ``key`` of a torch object or Lua table (keys are byte strings in torchfile)."""
-    # torchfile's table dicts answer any attribute lookup, so ask the TorchObject explicitly.
-    inner = obj._obj if _is_object(obj) else obj
-    if isinstance(inner, dict):
-        if key in inner:
-            return inner[key]
-        return inner.get(key.encode())
-    return None
-
-
-def _expect(obj: Any, path: str, names: tuple[str, ...]) -> Any:
-    found = typename(obj)
-    if found not in names:
-        raise T7FormatError(f"{path}: expected {' or '.join(names)}, found {found}")
-    return obj
-
-
-def _field(obj: Any, path: str, key: str) -> Any:
-    v = _get(obj, key)
-    if v is None:
-        raise T7FormatError(f"{path}: {typename(obj)} has no field '{key}'")
-    return v
-
-
-def _number(obj: Any, path: str, key: str, default: float | None = None) -> float:
-    v = _get(obj, key)
-    if v is None and default is not None:
-        return default
-    if not isinstance(v, (int, float)):
-        raise T7FormatError(f"{path}: field '{key}' should be a number, found {typename(v)}")
-    return v
-
-
-def _array(obj: Any, path: str, key: str) -> np.ndarray:
-    v = _field(obj, path, key)
-    if not isinstance(v, np.ndarray) or v.size == 0:
-        raise T7FormatError(f"{path}: field '{key}' should be a non-empty tensor, found {typename(v)}")
-    return np.array(v, dtype=np.float32)  # a copy: the file's arrays are views into storages
-
-
-def _modules(obj: Any, path: str, count: int | tuple[int, ...]) -> list[tuple[Any, str]]:
-    mods = _field(obj, path, "modules")
-    if isinstance(mods, dict):  # a Lua table whose keys are not 1..n
-        keys = sorted(k for k in mods if isinstance(k, int))
-        mods = [mods[k] for k in keys] if keys == list(range(1, len(keys) + 1)) else None
-    if not isinstance(mods, list):
-        raise T7FormatError(f"{path}.modules: expected a list of modules, found {typename(mods)}")
-    counts = (count,) if isinstance(count, int) else count
-    if len(mods) not in counts:
-        raise T7FormatError(f"{path}: expected {' or '.join(map(str, counts))} modules in "
-                            f"{typename(obj)}, found {len(mods)}")
-    return [(m, f"{path}.modules[{i + 1}]") for i, m in enumerate(mods)]
+# module forms
 
 
 class _Params:
@@ -255,54 +70,69 @@ class _Params:
         self.origin[name] = path
 
 
-def _conv(obj: Any, path: str, params: _Params, name: str, k: int, stride: int) -> int:
-    """A convolution with zero built-in padding; returns its output channels."""
-    _expect(obj, path, CONV)
-    n_out, n_in = int(_number(obj, path, "nOutputPlane")), int(_number(obj, path, "nInputPlane"))
-    kw, kh = int(_number(obj, path, "kW")), int(_number(obj, path, "kH"))
-    dw, dh = int(_number(obj, path, "dW", 1)), int(_number(obj, path, "dH", 1))
-    pw, ph = int(_number(obj, path, "padW", 0)), int(_number(obj, path, "padH", 0))
+def _conv(obj: Any, path: str, params: _Params, name: str, k: int,
+          stride: int | tuple[int, ...]) -> int:
+    """A convolution with zero built-in padding; returns its output channels.
+
+    ``stride``: the stride it must have, or a tuple of the strides it may have (the caller reads
+    which one with :func:`_stride`).
+    """
+    expect(obj, path, CONV)
+    n_out, n_in = int(number_field(obj, path, "nOutputPlane")), int(number_field(obj, path, "nInputPlane"))
+    kw, kh = int(number_field(obj, path, "kW")), int(number_field(obj, path, "kH"))
+    dw, dh = _stride(obj, path)
+    pw, ph = int(number_field(obj, path, "padW", 0)), int(number_field(obj, path, "padH", 0))
     if (kh, kw) != (k, k):
         raise T7FormatError(f"{path}: expected a {k}x{k} convolution, found {kh}x{kw}")
-    if (dh, dw) != (stride, stride):
-        raise T7FormatError(f"{path}: expected stride {stride}, found {dh}x{dw}")
+    allowed = (stride,) if isinstance(stride, int) else tuple(sorted(set(stride)))
+    if dh != dw or dh not in allowed:
+        raise T7FormatError(f"{path}: expected stride {' or '.join(map(str, allowed))}, "
+                            f"found {dh}x{dw}")
     if (ph, pw) != (0, 0):
         raise T7FormatError(f"{path}: expected no built-in padding (the original pads with a "
                             f"preceding SpatialSymmetricPadding), found {ph}x{pw}")
-    w = _array(obj, path, "weight")
+    w = tensor_field(obj, path, "weight")
     if w.size != n_out * n_in * k * k:
         raise T7FormatError(f"{path}: weight has {w.size} values, expected "
                             f"{n_out}x{n_in}x{k}x{k}")
     params.put(name + ".weight", w.reshape(n_out, n_in, k, k), path)
-    bias = _get(obj, "bias")
+    bias = lua_get(obj, "bias")
     # A conv saved with noBias() has no bias; the released layout's convs have one: use zeros.
-    b = _array(obj, path, "bias") if isinstance(bias, np.ndarray) and bias.size else np.zeros(n_out, np.float32)
+    b = tensor_field(obj, path, "bias") if isinstance(bias, np.ndarray) and bias.size else np.zeros(n_out, np.float32)
     if b.size != n_out:
         raise T7FormatError(f"{path}: bias has {b.size} values, expected {n_out}")
     params.put(name + ".bias", b.reshape(n_out), path)
     return n_out
 
 
+def _stride(obj: Any, path: str) -> tuple[int, int]:
+    """(dH, dW) of a convolution (1 where the fields are absent, as nn's defaults)."""
+    return int(number_field(obj, path, "dH", 1)), int(number_field(obj, path, "dW", 1))
+
+
 def _sympad(obj: Any, path: str, pad: int) -> None:
-    _expect(obj, path, SYMPAD)
-    got = [int(_number(obj, path, f"pad_{s}")) for s in "lrtb"]
+    expect(obj, path, SYMPAD)
+    got = [int(number_field(obj, path, f"pad_{s}")) for s in "lrtb"]
     if got != [pad] * 4:
         raise T7FormatError(f"{path}: expected symmetric padding {pad} on every side, found "
                             f"(l, r, t, b) = {tuple(got)}")
 
 
-def _padded_conv(obj: Any, path: str, params: _Params, name: str, k: int, stride: int) -> int:
-    """``Sequential{SpatialSymmetricPadding(k//2), conv kxk}`` as updatePadding makes it."""
-    _expect(obj, path, SEQ)
-    (pad, pp), (conv, cp) = _modules(obj, path, 2)
+def _padded_conv(obj: Any, path: str, params: _Params, name: str, k: int,
+                 stride: int | tuple[int, ...]) -> tuple[int, int, str]:
+    """``Sequential{SpatialSymmetricPadding(k//2), conv kxk}`` as updatePadding makes it
+    -> (output channels, stride, the conv's path)."""
+    expect(obj, path, SEQ)
+    (pad, pp), (conv, cp) = submodules(obj, path, 2)
     _sympad(pad, pp, k // 2)
-    return _conv(conv, cp, params, name, k, stride)
+    out = _conv(conv, cp, params, name, k, stride)
+    return out, _stride(conv, cp)[0], cp
 
 
 def _affine(obj: Any, path: str, params: _Params, name: str, channels: int) -> None:
-    _expect(obj, path, AFFINE)
+    expect(obj, path, AFFINE)
     for key in ("a", "b"):
-        v = _array(obj, path, key)
+        v = tensor_field(obj, path, key)
         if v.size != channels or any(s != 1 for s in v.shape if s != channels):
             raise T7FormatError(f"{path}: '{key}' has shape {list(v.shape)}, expected [{channels}] "
                                 f"or [1, {channels}, 1, 1]")
@@ -311,11 +141,11 @@ def _affine(obj: Any, path: str, params: _Params, name: str, channels: int) -> N
 
 def _linear(obj: Any, path: str, params: _Params, name: str) -> tuple[int, int]:
     """nn.Linear, or the 1x1 / fxf convolution ``inference()`` turns it into -> (out, in)."""
-    _expect(obj, path, LINEAR + CONV)
-    w = _array(obj, path, "weight")
+    expect(obj, path, LINEAR + CONV)
+    w = tensor_field(obj, path, "weight")
     n_out = w.shape[0]
     w = w.reshape(n_out, -1)  # a conv kernel [out, in, f, f] flattens to the Linear's row-major rows
-    b = _array(obj, path, "bias").reshape(-1)
+    b = tensor_field(obj, path, "bias").reshape(-1)
     if b.size != n_out:
         raise T7FormatError(f"{path}: bias has {b.size} values for {n_out} outputs")
     params.put(name + ".weight", w, path)
@@ -323,105 +153,187 @@ def _linear(obj: Any, path: str, params: _Params, name: str) -> tuple[int, int]:
     return n_out, w.shape[1]
 
 
-def _block(obj: Any, path: str, params: _Params, name: str, stride: int) -> tuple[str, int]:
-    """One released-layout residual block -> (kind, output channels)."""
-    _expect(obj, path, SEQ)
-    (cat, catp), (add, addp), (aff, affp), (relu, relup) = _modules(obj, path, 4)
-    _expect(cat, catp, ("nn.ConcatTable",))
-    _expect(add, addp, ("nn.CAddTable",))
-    _expect(relu, relup, RELU)
-    (branch, bp), (short, sp) = _modules(cat, catp, 2)
-    _expect(branch, bp, SEQ)
-    mods = _modules(branch, bp, (7, 4))
-    if len(mods) == 7:
+@dataclass
+class _BlockForm:
+    """What one residual block's structure says about the trunk's layout (None: it cannot tell)."""
+
+    kind: str                       # "bottleneck" or "basic"
+    affine_after_add: bool
+    shortcut_affine: bool | None    # None: identity shortcut
+    stride_on_1x1: bool | None      # None: not a downsampling bottleneck
+    out: int                        # output channels
+
+
+def _block(obj: Any, path: str, params: _Params, name: str, n_in: int,
+           downsample: bool) -> _BlockForm:
+    """One residual block, read by its structure (the module docstring lists the forms)."""
+    expect(obj, path, SEQ)
+    mods = submodules(obj, path, (3, 4))
+    # 4 modules: {ConcatTable, CAddTable, affine, ReLU} (BatchNorm after the addition, released);
+    # 3 modules: {ConcatTable, CAddTable, ReLU} (BatchNorm inside the branch, resnet.lua).
+    after_add = len(mods) == 4
+    (cat, catp), (add, addp), (relu, relup) = mods[0], mods[1], mods[-1]
+    expect(cat, catp, ("nn.ConcatTable",))
+    expect(add, addp, ("nn.CAddTable",))
+    expect(relu, relup, RELU)
+    (branch, bp), (short, sp) = submodules(cat, catp, 2)
+    expect(branch, bp, SEQ)
+    tail = 0 if after_add else 1  # the affine after the branch's last convolution
+    bm = submodules(branch, bp, (4, 5, 7, 8))
+    if len(bm) not in (7 + tail, 4 + tail):
+        why = ("the block applies its BatchNorm after the addition, so the branch ends with its "
+               "last convolution" if after_add else "the block has no BatchNorm after the "
+               "addition, so the branch ends with one (SpatialConstDiagonal after the last "
+               "convolution)")
+        raise T7FormatError(f"{bp}: expected {7 + tail} (bottleneck) or {4 + tail} (basic) modules "
+                            f"in nn.Sequential, found {len(bm)}: {why}")
+    stride = 2 if downsample else 1
+    stride_on_1x1 = None
+    if len(bm) == 7 + tail:
         kind = "bottleneck"
-        _conv(*mods[0], params, name + ".conv1", 1, 1)
-        planes = params.arrays[name + ".conv1.weight"].shape[0]
-        _affine(*mods[1], params, name + ".aff1", planes)
-        _expect(*mods[2], RELU)
-        _padded_conv(*mods[3], params, name + ".conv2", 3, stride)
-        _affine(*mods[4], params, name + ".aff2", planes)
-        _expect(*mods[5], RELU)
-        out = _conv(*mods[6], params, name + ".conv3", 1, 1)
+        planes = _conv(*bm[0], params, name + ".conv1", 1, (1, stride))
+        s1 = _stride(*bm[0])[0]
+        _affine(*bm[1], params, name + ".aff1", planes)
+        expect(*bm[2], RELU)
+        _, s3, cp3 = _padded_conv(*bm[3], params, name + ".conv2", 3, (1, stride))
+        if downsample and s1 * s3 != stride:
+            raise T7FormatError(f"{bp}: a downsampling bottleneck needs stride {stride} on its first "
+                                f"1x1 or on its 3x3 convolution (one of them), found {s1} and {s3}")
+        if downsample:
+            stride_on_1x1 = s1 == stride
+        _affine(*bm[4], params, name + ".aff2", planes)
+        expect(*bm[5], RELU)
+        out = _conv(*bm[6], params, name + ".conv3", 1, 1)
+        if tail:
+            _affine(*bm[7], params, name + ".aff3", out)
     else:
         kind = "basic"
-        planes = _padded_conv(*mods[0], params, name + ".conv1", 3, stride)
-        _affine(*mods[1], params, name + ".aff1", planes)
-        _expect(*mods[2], RELU)
-        out = _padded_conv(*mods[3], params, name + ".conv2", 3, 1)
-    st = typename(short)
-    if st == "nn.Sequential":  # a shortcut kept inside a Sequential of one conv
-        ((short, sp),) = _modules(short, sp, 1)
-        st = typename(short)
-    if st in CONV:
-        _conv(short, sp, params, name + ".shortcut", 1, stride)
-    elif st != "nn.Identity":
-        raise T7FormatError(f"{sp}: expected a bare 1x1 cudnn.SpatialConvolution or nn.Identity "
-                            f"as shortcut, found {st}")
-    _affine(aff, affp, params, name + ".aff_out", out)
-    return kind, out
+        planes, _, _ = _padded_conv(*bm[0], params, name + ".conv1", 3, stride)
+        _affine(*bm[1], params, name + ".aff1", planes)
+        expect(*bm[2], RELU)
+        out, _, _ = _padded_conv(*bm[3], params, name + ".conv2", 3, 1)
+        if tail:
+            _affine(*bm[4], params, name + ".aff2", out)
+    shortcut_affine = _shortcut(short, sp, params, name, projection=downsample or n_in != out,
+                                stride=stride, channels=out)
+    if after_add:
+        _affine(*mods[2], params, name + ".aff_out", out)
+    return _BlockForm(kind, after_add, shortcut_affine, stride_on_1x1, out)
+
+
+def _shortcut(obj: Any, path: str, params: _Params, name: str, *, projection: bool, stride: int,
+              channels: int) -> bool | None:
+    """A block's shortcut -> whether its projection has an affine (None for an identity).
+
+    Projection (the block changes channels or resolution): a bare 1x1 conv with the block's
+    stride, or ``Sequential{conv}`` / ``Sequential{conv, affine}``. Otherwise ``nn.Identity``.
+    """
+    if not projection:
+        expect(obj, path, ("nn.Identity",))
+        return None
+    want = (f"a projection shortcut (1x1 convolution, stride {stride}, bare or in nn.Sequential "
+            "with a SpatialConstDiagonal after it)")
+    if typename(obj) in CONV:
+        _conv(obj, path, params, name + ".shortcut", 1, stride)
+        return False
+    if typename(obj) != "nn.Sequential":
+        raise T7FormatError(f"{path}: expected {want}, found {typename(obj)}")
+    sm = submodules(obj, path, (1, 2))
+    _conv(*sm[0], params, name + ".shortcut", 1, stride)
+    if len(sm) == 2:
+        _affine(*sm[1], params, name + ".shortcut_aff", channels)
+    return len(sm) == 2
+
+
+_FORM_WORDS = {
+    "affine_after_add": {True: "its BatchNorm after the addition (4 modules)",
+                         False: "its BatchNorm after the last convolution (3 modules)"},
+    "shortcut_affine": {True: "a conv+BatchNorm projection shortcut",
+                        False: "a bare conv projection shortcut"},
+    "stride_on_1x1": {True: "the stride on the first 1x1 convolution",
+                      False: "the stride on the 3x3 convolution"},
+}
 
 
 def _trunk(obj: Any, path: str, params: _Params, prefix: str) -> dict[str, int]:
-    """The DeepMask trunk -> settings ``arch``, ``feat_ch``, ``fc_dim``, ``f_sz``."""
-    from segdist.models.trunk import ARCHS
+    """The DeepMask trunk -> settings ``arch``, ``layout``, ``feat_ch``, ``fc_dim``, ``f_sz``."""
+    from segdist.models.trunk import ARCHS, FoldedLayout
 
-    _expect(obj, path, SEQ)
-    mods = _modules(obj, path, 12)
+    expect(obj, path, SEQ)
+    mods = submodules(obj, path, 12)
     r = prefix + "resnet."
     _padded_conv(*mods[0], params, r + "conv1", 7, 2)
     _affine(*mods[1], params, r + "aff1", 64)
-    _expect(*mods[2], RELU)
-    pool, pp = _expect(*mods[3], ("nn.SpatialMaxPooling", "cudnn.SpatialMaxPooling")), mods[3][1]
-    geometry = [int(_number(pool, pp, k, 0)) for k in ("kW", "kH", "dW", "dH", "padW", "padH")]
+    expect(*mods[2], RELU)
+    pool, pp = expect(*mods[3], ("nn.SpatialMaxPooling", "cudnn.SpatialMaxPooling")), mods[3][1]
+    geometry = [int(number_field(pool, pp, k, 0)) for k in ("kW", "kH", "dW", "dH", "padW", "padH")]
     if geometry != [3, 3, 2, 2, 1, 1]:
         raise T7FormatError(f"{pp}: expected max pooling 3x3, stride 2, pad 1; found (kW, kH, dW, "
                             f"dH, padW, padH) = {tuple(geometry)}")
     kinds, counts = set(), []
+    # The first block that shows each layout property sets it for the trunk (one torch layout
+    # per trunk); a later block that differs is refused at its path.
+    seen: dict[str, tuple[bool, str]] = {}
+    n = 64
     for li in range(3):
         layer, lp = mods[4 + li]
-        _expect(layer, lp, SEQ)
-        blocks = _field(layer, lp, "modules")
-        blocks = _modules(layer, lp, len(blocks) if isinstance(blocks, list) else 1)
+        expect(layer, lp, SEQ)
+        blocks = need_field(layer, lp, "modules")
+        blocks = submodules(layer, lp, len(blocks) if isinstance(blocks, list) else 1)
         for j, (blk, bp) in enumerate(blocks):
-            kind, _ = _block(blk, bp, params, f"{r}layer{li + 1}.{j}", 2 if li and j == 0 else 1)
-            kinds.add(kind)
+            form = _block(blk, bp, params, f"{r}layer{li + 1}.{j}", n, li > 0 and j == 0)
+            for key, words in _FORM_WORDS.items():
+                value = getattr(form, key)
+                if value is None:
+                    continue
+                first = seen.setdefault(key, (value, bp))
+                if first[0] != value:
+                    raise T7FormatError(f"{bp}: this block has {words[value]} but {first[1]} has "
+                                        f"{words[first[0]]}; a trunk must use one block layout")
+            kinds.add(form.kind)
+            n = form.out
         counts.append(len(blocks))
     arch = next((a for a, (k, c) in ARCHS.items() if kinds == {k} and tuple(counts) == c), None)
     if arch is None:
         raise T7FormatError(f"{path}: a trunk of {'/'.join(sorted(kinds))} blocks {counts} in "
                             f"layer1..3 is none of {sorted(ARCHS)}")
+    after_add = seen["affine_after_add"][0]
+    layout = FoldedLayout(
+        affine_after_add=after_add,
+        # a trunk without projection shortcuts cannot tell: its base's usual form
+        shortcut_affine=seen.get("shortcut_affine", (not after_add, ""))[0],
+        stride_on_1x1=seen.get("stride_on_1x1", (False, ""))[0]).name
     crop, cp = mods[7]
     if typename(crop) == "nn.SpatialZeroPadding":
-        got = [int(_number(crop, cp, f"pad_{s}")) for s in "lrtb"]
+        got = [int(number_field(crop, cp, f"pad_{s}")) for s in "lrtb"]
         if got != [-1] * 4:
             raise T7FormatError(f"{cp}: expected a crop of 1 cell per side (pad -1), found {got}")
     else:
-        _expect(crop, cp, ("nn.SpatialZeroPadding", "nn.Identity"))
+        expect(crop, cp, ("nn.SpatialZeroPadding", "nn.Identity"))
     feat_ch = _conv(*mods[8], params, prefix + "reduce", 1, 1)
-    _expect(*mods[9], RELU)
-    _expect(*mods[10], ("nn.View", "nn.Reshape", "nn.Identity"))
+    expect(*mods[9], RELU)
+    expect(*mods[10], ("nn.View", "nn.Reshape", "nn.Identity"))
     fc_dim, fc_in = _linear(*mods[11], params, prefix + "fc")
     f = math.isqrt(fc_in // feat_ch)
     if f * f * feat_ch != fc_in:
         raise T7FormatError(f"{mods[11][1]}: {fc_in} inputs are not {feat_ch} channels x f x f")
-    return {"arch": arch, "feat_ch": feat_ch, "fc_dim": fc_dim, "f_sz": f}
+    return {"arch": arch, "layout": layout, "feat_ch": feat_ch, "fc_dim": fc_dim, "f_sz": f}
 
 
 def _mask_branch(obj: Any, path: str, params: _Params, name: str) -> int:
     """``Sequential{Sequential{Linear}, upsampling}`` (or the inner Sequential alone) -> o_sz."""
-    _expect(obj, path, SEQ)
-    mods = _modules(obj, path, (1, 2))
+    expect(obj, path, SEQ)
+    mods = submodules(obj, path, (1, 2))
     first, fp = mods[0]
     if typename(first) == "nn.Sequential":
         if len(mods) == 2:
             up, upp = mods[1]
-            _expect(up, upp, SEQ)
-            for m, mp in _modules(up, upp, range(0, 16)):
-                if isinstance(_get(m, "weight"), np.ndarray) and _get(m, "weight").size:
+            expect(up, upp, SEQ)
+            for m, mp in submodules(up, upp, range(0, 16)):
+                if isinstance(lua_get(m, "weight"), np.ndarray) and lua_get(m, "weight").size:
                     raise T7FormatError(f"{mp}: expected the parameter-free upsampling of the mask "
                                         f"logits, found {typename(m)} with weights")
-        ((lin, lp),) = _modules(first, fp, 1)
+        ((lin, lp),) = submodules(first, fp, 1)
     elif len(mods) == 1:  # inference() form: maskBranch is the inner Sequential
         lin, lp = first, fp
     else:
@@ -436,12 +348,12 @@ def _mask_branch(obj: Any, path: str, params: _Params, name: str) -> int:
 
 def _score_branch(obj: Any, path: str, params: _Params, name: str) -> int:
     """``Sequential{Dropout, Linear, Threshold(0, 1e-6), Dropout, Linear(., 1)}`` -> hidden size."""
-    _expect(obj, path, SEQ)
-    mods = _modules(obj, path, 5)
-    _expect(*mods[0], ("nn.Dropout",))
+    expect(obj, path, SEQ)
+    mods = submodules(obj, path, 5)
+    expect(*mods[0], ("nn.Dropout",))
     hidden, _ = _linear(*mods[1], params, name + ".1")
-    _expect(*mods[2], ("nn.Threshold",) + RELU)
-    _expect(*mods[3], ("nn.Dropout",))
+    expect(*mods[2], ("nn.Threshold",) + RELU)
+    expect(*mods[3], ("nn.Dropout",))
     one, _ = _linear(*mods[4], params, name + ".4")
     if one != 1:
         raise T7FormatError(f"{mods[4][1]}: the score head should have 1 output, found {one}")
@@ -450,36 +362,36 @@ def _score_branch(obj: Any, path: str, params: _Params, name: str) -> int:
 
 def _refinement(model: Any, path: str, params: _Params) -> tuple[int, int]:
     """SharpMask ``refs[0..4]`` -> (km, ks) read from the layer shapes."""
-    refs = _field(model, path, "refs")
+    refs = need_field(model, path, "refs")
     rp = path + ".refs"
     if not isinstance(refs, dict) or sorted(k for k in refs if isinstance(k, int)) != [0, 1, 2, 3, 4]:
         raise T7FormatError(f"{rp}: expected a table with keys 0..4 (refs[0] = netvs[0]), found "
                             f"{typename(refs)}")
     netv0, n0p = refs[0], f"{rp}[0]"
-    _expect(netv0, n0p, SEQ)
-    (lin, lp), (view, vp) = _modules(netv0, n0p, 2)
+    expect(netv0, n0p, SEQ)
+    (lin, lp), (view, vp) = submodules(netv0, n0p, 2)
     _linear(lin, lp, params, "netv0")
-    _expect(view, vp, ("nn.View", "nn.Reshape"))
+    expect(view, vp, ("nn.View", "nn.Reshape"))
     for i in range(1, 5):
         ref, p = refs[i], f"{rp}[{i}]"
-        _expect(ref, p, SEQ)
-        mods = _modules(ref, p, 7 if i == 4 else 4)
+        expect(ref, p, SEQ)
+        mods = submodules(ref, p, 7 if i == 4 else 4)
         (par, pp), (add, ap), (relu, rlp), (up, upp) = mods[:4]
-        _expect(par, pp, ("nn.ParallelTable",))
-        _expect(add, ap, ("nn.CAddTable",))
-        _expect(relu, rlp, RELU)
-        _expect(up, upp, ("nn.SpatialUpSamplingNearest",))
-        if int(_number(up, upp, "scale_factor", 2)) != 2:
+        expect(par, pp, ("nn.ParallelTable",))
+        expect(add, ap, ("nn.CAddTable",))
+        expect(relu, rlp, RELU)
+        expect(up, upp, ("nn.SpatialUpSamplingNearest",))
+        if int(number_field(up, upp, "scale_factor", 2)) != 2:
             raise T7FormatError(f"{upp}: expected nearest upsampling x2")
-        (neth, hp), (netv, vp2) = _modules(par, pp, 2)
-        _expect(neth, hp, SEQ)
-        hm = _modules(neth, hp, (8, 9))
+        (neth, hp), (netv, vp2) = submodules(par, pp, 2)
+        expect(neth, hp, SEQ)
+        hm = submodules(neth, hp, (8, 9))
         if len(hm) == 9:
             crop, cp = hm.pop(0)
-            _expect(crop, cp, ("nn.SpatialZeroPadding", "nn.Identity"))
+            expect(crop, cp, ("nn.SpatialZeroPadding", "nn.Identity"))
             want = -(2 ** (i - 1))
             if typename(crop) == "nn.SpatialZeroPadding":
-                got = [int(_number(crop, cp, f"pad_{s}")) for s in "lrtb"]
+                got = [int(number_field(crop, cp, f"pad_{s}")) for s in "lrtb"]
                 if got != [want] * 4:
                     raise T7FormatError(f"{cp}: expected a crop of {-want} cells per side, "
                                         f"found pads {got}")
@@ -487,17 +399,17 @@ def _refinement(model: Any, path: str, params: _Params) -> tuple[int, int]:
             _sympad(*hm[conv_at - 1], 1)
             _conv(*hm[conv_at], params, f"neths.{i - 1}.{2 * j}", 3, 1)
             if j < 2:
-                _expect(*hm[conv_at + 1], RELU)
-        _expect(netv, vp2, SEQ)
-        vm = _modules(netv, vp2, 5)
+                expect(*hm[conv_at + 1], RELU)
+        expect(netv, vp2, SEQ)
+        vm = submodules(netv, vp2, 5)
         for j, conv_at in enumerate((1, 4)):
             _sympad(*vm[conv_at - 1], 1)
             _conv(*vm[conv_at], params, f"netvs.{i - 1}.{2 * j}", 3, 1)
-        _expect(*vm[2], RELU)
+        expect(*vm[2], RELU)
         if i == 4:
             _sympad(*mods[4], 1)
             _conv(*mods[5], params, "final", 3, 1)
-            _expect(*mods[6], ("nn.View", "nn.Reshape"))
+            expect(*mods[6], ("nn.View", "nn.Reshape"))
     km = params.arrays["netvs.0.0.weight"].shape[1]
     ks = params.arrays["neths.0.2.weight"].shape[0]
     return int(km), int(ks)
@@ -513,7 +425,8 @@ class Converted:
 
     Attributes:
         kind: "deepmask" or "sharpmask".
-        model: the segdist ``DeepMask`` (layout "released") or ``SharpMask``, eval mode, CPU.
+        model: the segdist ``DeepMask`` (a folded trunk layout, ``settings["layout"]``) or
+            ``SharpMask``, eval mode, CPU.
         settings: architecture settings read from the tree (arch, i_sz, o_sz, ..., km, ks).
         original_config: the file's ``config`` table (train.lua options) as plain JSON values.
     """
@@ -560,8 +473,8 @@ def convert_tree(root: Any) -> Converted:
     if not isinstance(root, dict):
         raise T7FormatError(f"file root: expected a table {{model=..., config=...}}, found "
                             f"{typename(root)}")
-    model = _get(root, "model")
-    config = _get(root, "config")
+    model = lua_get(root, "model")
+    config = lua_get(root, "config")
     kind = typename(model)
     if kind not in ("nn.DeepMask", "nn.SharpMask"):
         raise T7FormatError(f"model: expected nn.DeepMask or nn.SharpMask, found {kind}")
@@ -569,13 +482,13 @@ def convert_tree(root: Any) -> Converted:
     params = _Params()
     sharp = kind == "nn.SharpMask"
     dm = "deepmask." if sharp else ""
-    s = _trunk(_field(model, "model", "trunk"), "model.trunk", params, dm + "trunk.")
+    s = _trunk(need_field(model, "model", "trunk"), "model.trunk", params, dm + "trunk.")
     mask_key = "maskBranchDM" if sharp else "maskBranch"
-    o_sz = _mask_branch(_field(model, "model", mask_key), f"model.{mask_key}", params,
+    o_sz = _mask_branch(need_field(model, "model", mask_key), f"model.{mask_key}", params,
                         dm + "mask_head")
-    hidden = _score_branch(_field(model, "model", "scoreBranch"), "model.scoreBranch", params,
+    hidden = _score_branch(need_field(model, "model", "scoreBranch"), "model.scoreBranch", params,
                            dm + "score_head")
-    settings = {"arch": s["arch"], "layout": "released", "i_sz": 16 * s["f_sz"], "o_sz": o_sz,
+    settings = {"arch": s["arch"], "layout": s["layout"], "i_sz": 16 * s["f_sz"], "o_sz": o_sz,
                 "fc_dim": s["fc_dim"], "feat_ch": s["feat_ch"], "score_hidden": hidden}
     for key, ours in (("iSz", settings["i_sz"]), ("oSz", o_sz)):
         theirs = original.get(key)
