@@ -174,6 +174,14 @@ def test_every_layout_variant_equals_reference(tmp_path, windows, name):
     assert conv.settings == {"arch": arch, "layout": layout, **HEADS}
     assert conv.model.cfg.layout == layout
     check_deepmask(conv, tree, windows[:1])
+    if layout != "released":  # the layout survives a segdist checkpoint
+        from segdist.models.checkpoint import load_model, save_checkpoint
+
+        save_checkpoint(conv.model, str(tmp_path / "ckpt.safetensors"))
+        again, info = load_model(str(tmp_path / "ckpt.safetensors"))
+        assert info.config.layout == layout
+        with torch.no_grad():
+            assert torch.equal(again.features(windows[:1]), conv.model.features(windows[:1]))
 
 
 @pytest.mark.parametrize("arch, variant, layout", [

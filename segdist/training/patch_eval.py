@@ -1,8 +1,8 @@
 """Per-patch evaluation (the original's evalPerPatch.lua) for model selection during training.
 
 A fixed set of held-out jittered mask samples (the training sampler's rules, generated from a fixed
-seed, so every evaluation sees the same patches); the model's mask logits are resized to g_sz,
-binarised at probability 0.5 (logit > 0) and compared with the +-1 labels. Reported: mean and
+seed, so every evaluation sees the same patches); the model's mask logits are resized to g_sz
+(:func:`resize_logits`, the original model's own upsampling layer), binarised at probability 0.5 (logit > 0) and compared with the +-1 labels. Reported: mean and
 median IoU, and the share of patches with IoU >= 0.5 and >= 0.7. As an extra (the original's
 in-training test had it too), the accuracy of the score head on as many held-out score samples.
 """
@@ -34,11 +34,19 @@ class PatchMetrics:
 
 
 def resize_logits(logits: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of mask logits Tensor[B, h, w] to Tensor[B, size, size] (no-op if equal)."""
+    """Mask logits Tensor[B, h, w] -> Tensor[B, size, size], as the original DeepMask's mask branch.
+
+    DeepMask.lua ends its mask branch with nnx's ``SpatialReSamplingEx{owidth=gSz, oheight=gSz,
+    mode='bilinear'}`` (56 -> 112): bilinear with aligned corners, output pixel (y, x) sampling the
+    input at (y * (h-1)/(size-1), x * (w-1)/(size-1)), so the corner logits land exactly on the
+    corner label pixels. The loss and the per-patch IoU compare these with the labels, so the
+    convention is part of what a model learns. Same dtype and device; a no-op when the size
+    already matches (SharpMask's 160x160 output at g_sz 160); ``size`` >= 2 otherwise.
+    """
     if logits.shape[-1] == size and logits.shape[-2] == size:
         return logits
     return F.interpolate(logits[:, None], size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0]
+                         align_corners=True)[:, 0]
 
 
 def patch_ious(mask_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
