@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from segdist.errors import ConfigError
+from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.storage import read_bytes, redact
 
 T = TypeVar("T", bound=BaseModel)
@@ -44,6 +45,9 @@ class DatasetConfig(_Strict):
     ``split`` an ImageSets list name (train, val, trainval, test).
     format=images: no annotations; every image under the folder ``images`` (recursive), or the
     lines of the list file ``image_list``, filtered by ``extensions`` and ``glob``.
+    ``max_pixels``: the image decoder refuses images with more pixels (width x height, read from the
+    header before decoding: the decompression-bomb guard); default Pillow's own limit. Raise it
+    for trusted large images.
     """
 
     format: Literal["coco", "lvis", "voc", "images"] = "coco"
@@ -65,6 +69,7 @@ class DatasetConfig(_Strict):
     coco_url_layout: Literal["split-folder", "flat"] = "split-folder"
     limit: int | None = Field(default=None, ge=1)
     image_ids: list[int] | None = None
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")

@@ -15,9 +15,12 @@ Rules (also in docs/datasets.md):
 - Decompression bombs: the pixel count from the header is checked against ``max_pixels`` (default
   :data:`DEFAULT_MAX_PIXELS`, Pillow's own error limit) before any pixel is decoded. Pillow's
   ``DecompressionBombError`` (and its ``DecompressionBombWarning`` where warnings are turned into
-  errors) becomes :class:`~segdist.errors.ImageDecodeError` too.
+  errors) becomes :class:`~segdist.errors.ImageDecodeError` too. Runs set the limit with the
+  config field ``dataset.max_pixels``, which the refusal names.
 - Every failure of a file (missing, empty, truncated, corrupt, not an image, unsupported mode, too
-  many pixels) raises ``ImageDecodeError(uri, reason)``; never a bare PIL or OS error. Failures of the
+  many pixels) raises ``ImageDecodeError(uri, reason)``; never a bare PIL or OS error. A reason is
+  one clause without a final period (Pillow's own messages are quoted with theirs stripped), so
+  that it reads cleanly inside a sentence, a manifest or a run summary. Failures of the
   storage itself (no permission, network) raise :class:`~segdist.errors.StorageError`, because
   retrying them can succeed and skipping the image would be wrong.
 - Decoding is forced (``Image.load()``), so a truncated file fails here and not later, and the
@@ -51,6 +54,14 @@ _EXIF_ORIENTATION = 0x0112
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+# What to do about a refused large image, in the words of the run config.
+_RAISE_LIMIT = "raise dataset.max_pixels for trusted large images"
+
+
+def _quoted(exc: BaseException) -> str:
+    """``Type: message`` of a library exception, without a trailing period (it is embedded)."""
+    return f"{type(exc).__name__}: {str(exc).strip().rstrip('.')}"
 
 
 def read_image(
@@ -103,7 +114,7 @@ def decode_image(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
             raise ImageDecodeError(
                 uri,
                 f"{width} x {height} = {width * height} pixels is over the limit of {max_pixels} "
-                "(decompression-bomb guard); pass a larger max_pixels for trusted large images",
+                f"(decompression-bomb guard); {_RAISE_LIMIT}",
             )
         if im.format == "PNG":
             # PNG carries a CRC per chunk but Pillow's decoder does not check the pixel chunks:
@@ -117,15 +128,12 @@ def decode_image(data: bytes, uri: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         try:
             im.load()
         except Exception as exc:  # noqa: BLE001 - Pillow raises OSError, SyntaxError, zlib.error, ...
-            raise ImageDecodeError(
-                uri, f"corrupt or truncated image data ({type(exc).__name__}: {exc})"
-            ) from None
+            raise ImageDecodeError(uri, f"corrupt or truncated image data ({_quoted(exc)})") from None
         try:
             rgb = _to_rgb(im, rawmode)
         except Exception as exc:  # noqa: BLE001 - modes Pillow cannot convert (LAB, ...)
             raise ImageDecodeError(
-                uri, f"cannot convert colour mode {im.mode} to RGB ({type(exc).__name__}: {exc})"
-            ) from None
+                uri, f"cannot convert colour mode {im.mode} to RGB ({_quoted(exc)})") from None
     finally:
         im.close()
     return _apply_orientation(rgb, orientation)
@@ -149,22 +157,19 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
         return Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(
-            uri, f"too many pixels (decompression-bomb guard): {exc}; pass a larger max_pixels "
-            "for trusted large images"
+            uri, f"too many pixels (decompression-bomb guard: {_quoted(exc)}); {_RAISE_LIMIT}"
         ) from None
     except UnidentifiedImageError:
         raise ImageDecodeError(uri, "not a recognised image format (corrupt or not an image)") from None
     except Exception as exc:  # noqa: BLE001 - plugins raise OSError, SyntaxError, struct.error, ...
-        raise ImageDecodeError(uri, f"corrupt image header ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(uri, f"corrupt image header ({_quoted(exc)})") from None
 
 
 def _verify(im: Image.Image, uri: str) -> None:
     try:
         im.verify()
     except Exception as exc:  # noqa: BLE001 - SyntaxError("broken PNG file"), OSError, ...
-        raise ImageDecodeError(
-            uri, f"corrupt or truncated image data ({type(exc).__name__}: {exc})"
-        ) from None
+        raise ImageDecodeError(uri, f"corrupt or truncated image data ({_quoted(exc)})") from None
 
 
 def _tile_rawmode(im: Image.Image) -> str | None:

@@ -199,7 +199,12 @@ def test_bad_images_raise_typed_error_with_file_name(corpus_dir, name):
         read_image(uri, max_pixels=max_pixels)
     assert info.value.uri == uri
     assert name in str(info.value)
-    assert word in info.value.reason, info.value.reason
+    reason = info.value.reason
+    assert word in reason, reason
+    # one clean clause: no library period left before our own punctuation, none at the end
+    assert not any(s in reason for s in (".;", ".)", "..")) and not reason.endswith("."), reason
+    if name in ("bomb.png", "over_limit.png"):  # the refusal says which setting allows more
+        assert "raise dataset.max_pixels" in reason, reason
     # It survives pickling (Ray ships it between processes) with both fields.
     again = pickle.loads(pickle.dumps(info.value))
     assert (again.uri, again.reason) == (info.value.uri, info.value.reason)
@@ -233,8 +238,12 @@ def test_pixel_limit_checked_before_decoding_and_pillow_limit_lifted(monkeypatch
     assert got.shape == (100, 100, 3)
     assert Image.MAX_IMAGE_PIXELS == 1000
     # Below Pillow's threshold, Pillow's own bomb error becomes the typed error.
-    with pytest.raises(ImageDecodeError, match="big.png.*too many pixels"):
+    with pytest.raises(ImageDecodeError, match="big.png.*too many pixels") as info:
         decode_image(data, "big.png", max_pixels=1500)
+    assert info.value.reason == (
+        "too many pixels (decompression-bomb guard: DecompressionBombError: Image size (10000 "
+        "pixels) exceeds limit of 2000 pixels, could be decompression bomb DOS attack); raise "
+        "dataset.max_pixels for trusted large images")
     with pytest.raises(ValueError, match="max_pixels"):
         decode_image(data, "big.png", max_pixels=0)
 

@@ -66,19 +66,20 @@ def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
         ds = load_dataset(cfg.dataset)
         index = []
         for chunk in plan_chunks(ds.images, cfg.output.chunk_size):
-            images, ids = [], []
+            images, ids, failed = [], [], []
             for rec in chunk.records:
                 try:
-                    images.append(read_image(rec.uri, ds.storage_options))
+                    images.append(read_image(rec.uri, ds.storage_options, cfg.dataset.max_pixels))
                     ids.append(rec.image_id)
-                except ImageDecodeError:
-                    pass
+                except ImageDecodeError as exc:
+                    failed.append({"image_id": rec.image_id, "file_name": rec.file_name,
+                                   "reason": exc.reason})
             props = []
             for s in range(0, len(images), cfg.model.batch_size):
                 props += gen(images[s:s + cfg.model.batch_size], ids[s:s + cfg.model.batch_size])
             names = {r.image_id: r.file_name for r in chunk.records}
             layout.write_chunk(out, chunk.index, props, cfg.output.formats, cfg.output.gzip,
-                               file_names=names)
+                               file_names=names, failed=failed)
             index += [{"id": p.image_id, "file_name": names[p.image_id], "height": p.height,
                        "width": p.width} for p in props]
         if "coco-json" in cfg.output.formats:

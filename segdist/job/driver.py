@@ -41,6 +41,8 @@ from segdist.ray_connect import connect_ray
 
 log = logging.getLogger("segdist.job")
 
+SUMMARY_BAD_IMAGES = 5  # bad images named in the run summary
+
 
 @dataclass
 class JobResult:
@@ -60,6 +62,8 @@ class JobResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     written_chunks: list[int] = field(default_factory=list)  # indices processed by this run
+    # the first few bad images ({"image_id", "file_name", "reason", ...}); the manifest has them all
+    failed_images: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -73,6 +77,11 @@ class JobResult:
         for f in self.chunks_failed:
             lines.append(f"failed chunk {f.index} after {f.attempts} attempts: "
                          f"{f.errors[-1] if f.errors else '?'}")
+        for bad in self.failed_images:
+            lines.append(f"bad image {bad['image_id']} ({bad['file_name']}): {bad['reason']}")
+        if self.images_failed > len(self.failed_images):
+            lines.append(f"... and {self.images_failed - len(self.failed_images)} more bad images: "
+                         f"all are listed in the manifest's failed_images")
         return "\n".join(lines)
 
 
@@ -234,7 +243,7 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
             wsettings = WorkerSettings(
                 model=cfg.model, out_uri=out, formats=tuple(cfg.output.formats), gzip=cfg.output.gzip,
                 out_storage_options=dict(opts), data_storage_options=dict(dataset.storage_options),
-                decode_threads=cfg.resources.decode_threads)
+                decode_threads=cfg.resources.decode_threads, max_pixels=cfg.dataset.max_pixels)
             dispatcher = Dispatcher(
                 wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
                 max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
@@ -290,6 +299,6 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
         images_written=doc["totals"]["images"], images_failed=doc["totals"]["images_failed"],
         proposals=doc["totals"]["proposals"], seconds=run_seconds,
         images_per_second=images_now / run_seconds if done and run_seconds > 0 else 0.0,
-        written_chunks=sorted(done))
+        written_chunks=sorted(done), failed_images=doc["failed_images"][:SUMMARY_BAD_IMAGES])
     log.debug("%s", result.summary())
     return result

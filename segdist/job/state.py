@@ -29,6 +29,7 @@ from typing import Any
 from segdist import storage
 from segdist.config import JobConfig
 from segdist.errors import SegdistError, StorageError
+from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.proposals import layout
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ def relative_to(out_uri: str, uri: str) -> str:
 
 # Dataset fields added after outputs already existed: at their defaults they are left out of the
 # settings, so that a run record fingerprinted before them still matches and the run resumes.
+# (A raised max_pixels decodes other images: a different run.)
 _LATER_DATASET_DEFAULTS = {"image_list": None, "extensions": None, "glob": None,
-                           "coco_url_layout": "split-folder"}
+                           "coco_url_layout": "split-folder", "max_pixels": DEFAULT_MAX_PIXELS}
 
 
 def output_settings(cfg: JobConfig) -> dict[str, Any]:

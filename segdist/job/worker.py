@@ -35,6 +35,7 @@ from segdist import storage
 from segdist.config import ModelConfig
 from segdist.data.records import ImageRecord
 from segdist.errors import ImageDecodeError, SegdistError
+from segdist.imageio import DEFAULT_MAX_PIXELS, read_image
 from segdist.job import faults
 from segdist.job.state import ChunkRecord, chunk_record_uri, relative_to
 from segdist.proposals import layout
@@ -52,6 +53,7 @@ class WorkerSettings:
     out_storage_options: dict[str, Any] = field(default_factory=dict)
     data_storage_options: dict[str, Any] = field(default_factory=dict)
     decode_threads: int = 4
+    max_pixels: int = DEFAULT_MAX_PIXELS  # the decoder's pixel limit (dataset.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -104,8 +106,6 @@ class ChunkWorker:
                  ) -> Iterator[tuple[ImageRecord, np.ndarray | None, str | None, float]]:
         """Yield ``(record, image uint8 HxWx3 or None, failure reason or None, seconds waited)``
         in record order, keeping at most ``ahead`` decodes in flight."""
-        from segdist.imageio import read_image
-
         opts = self.settings.data_storage_options
         todo = iter(records)
         inflight: deque[tuple[ImageRecord, Future]] = deque()
@@ -113,7 +113,8 @@ class ChunkWorker:
         def submit_next() -> None:
             r = next(todo, None)
             if r is not None:
-                inflight.append((r, self._pool.submit(read_image, r.uri, opts)))
+                inflight.append((r, self._pool.submit(read_image, r.uri, opts,
+                                                           self.settings.max_pixels)))
 
         for _ in range(ahead):
             submit_next()
@@ -178,7 +179,7 @@ class ChunkWorker:
         t0 = time.perf_counter()
         names = {r.image_id: r.file_name for r in records}
         files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip,
-                                   s.out_storage_options, file_names=names)
+                                   s.out_storage_options, file_names=names, failed=failed)
         record = ChunkRecord(
             index=index, name=layout.chunk_name(index),
             image_ids=[p.image_id for p in proposals],

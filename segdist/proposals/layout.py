@@ -90,7 +90,8 @@ def _check_chunk(proposals: Sequence[ImageProposals]) -> bool:
 def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], formats: Iterable[str],
                 gzip: bool = False, storage_options: Mapping[str, Any] | None = None, *,
                 row_group_rows: int = parquet_format.ROW_GROUP_ROWS,
-                file_names: Mapping[int, str] | None = None) -> dict[str, dict[str, Any]]:
+                file_names: Mapping[int, str] | None = None,
+                failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, Any]]:
     """Write chunk ``i`` in the given formats, each file atomically; images sorted by id.
 
     Args:
@@ -102,6 +103,8 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
         gzip: write ``.json.gz`` instead of ``.json``.
         file_names: image id -> the image's file name (relative path), stored in the Parquet
             file's per-image metadata (COCO results have no place for it: ``images.json``).
+        failed: the chunk's images that could not be processed (``image_id``, ``file_name``,
+            ``reason``); the Parquet file's metadata lists them (COCO results cannot).
     Returns:
         ``{key: {"uri", "bytes", "images", "proposals"}}`` for every file written.
     """
@@ -120,7 +123,7 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
             data = cocojson.encode_bbox(ordered, gzip_output=gzip)
         else:
             data = parquet_format.encode(ordered, row_group_rows=row_group_rows,
-                                         file_names=file_names)
+                                         file_names=file_names, failed=failed)
         storage.atomic_write(uris[key], data, storage_options)
         # COCO results list only images with proposals; Parquet's metadata lists them all.
         images = len(ordered) if key == "parquet" else sum(1 for p in ordered if len(p))

@@ -20,7 +20,11 @@ Because COCO results cannot represent an image without proposals, the file's key
 (key ``segdist.images``) lists every image of the chunk: ``[{"id", "height", "width", "n", "model",
 "masks", "labels"}]`` plus ``"file_name"`` (the image's path relative to its dataset) when the
 writer knows it — readers know an image with ``n = 0`` was processed, ``masks``/``labels`` say
-whether ``counts``/``labels`` were None, and the reading API finds an image by file name.
+whether ``counts``/``labels`` were None, and the reading API finds an image by file name. Key
+``segdist.failed`` lists the chunk's images that could not be processed (a bad file),
+``[{"id", "file_name", "reason"}]`` ascending by id, so the file alone tells which of its images
+have no proposals and why (files written before the key existed lack it:
+:func:`failed_from_metadata` returns ``[]`` for them).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import pyarrow.parquet as pq
 from segdist.proposals.types import ImageProposals
 
 IMAGES_KEY = b"segdist.images"
+FAILED_KEY = b"segdist.failed"
 VERSION_KEY = b"segdist.format_version"
 FORMAT_VERSION = "1"
 ROW_GROUP_ROWS = 4096  # ~4 images of 1000 proposals: random reads 1.5x faster than 8192, files ~6% larger
@@ -68,9 +73,19 @@ def image_entries(proposals: Sequence[ImageProposals],
     return entries
 
 
+def failed_entries(failed: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The ``segdist.failed`` metadata entries from the job's failure records (``image_id``,
+    ``file_name``, ``reason``; other keys such as the URI are left out), ascending by id."""
+    return sorted(({"id": int(f["image_id"]), "file_name": str(f["file_name"]),
+                    "reason": str(f["reason"])} for f in failed), key=lambda e: e["id"])
+
+
 def to_table(proposals: Sequence[ImageProposals],
-             file_names: Mapping[int, str] | None = None) -> pa.Table:
-    """Arrow table of the proposals (rows in the given image order, ranks 0..N-1), with metadata."""
+             file_names: Mapping[int, str] | None = None,
+             failed: Sequence[Mapping[str, Any]] = ()) -> pa.Table:
+    """Arrow table of the proposals (rows in the given image order, ranks 0..N-1), with metadata
+    (``file_names``: id -> file name for the per-image entries; ``failed``: the chunk's images that
+    could not be processed, see :func:`failed_entries`)."""
     ns = np.asarray([len(p) for p in proposals], dtype=np.int64)
     total = int(ns.sum())
     image_id = np.repeat(np.asarray([p.image_id for p in proposals], dtype=np.int64), ns)
@@ -104,21 +119,26 @@ def to_table(proposals: Sequence[ImageProposals],
     table = pa.Table.from_arrays(columns, schema=SCHEMA)
     meta = {IMAGES_KEY: json.dumps(image_entries(proposals, file_names), separators=(",", ":"),
                                    ensure_ascii=False).encode(),
+            FAILED_KEY: json.dumps(failed_entries(failed), separators=(",", ":"),
+                                   ensure_ascii=False).encode(),
             VERSION_KEY: FORMAT_VERSION.encode()}
     return table.replace_schema_metadata(meta)
 
 
 def encode(proposals: Sequence[ImageProposals], *, row_group_rows: int = ROW_GROUP_ROWS,
-           file_names: Mapping[int, str] | None = None) -> bytes:
+           file_names: Mapping[int, str] | None = None,
+           failed: Sequence[Mapping[str, Any]] = ()) -> bytes:
     """The Parquet file's bytes for one chunk; images are written in ascending id order.
 
     Args:
         proposals: the chunk's images (unique ids; any order), each sorted by descending score.
         row_group_rows: maximum rows per row group (smaller: finer skipping, larger footer).
         file_names: image id -> file name, kept in the per-image metadata.
+        failed: the chunk's images that could not be processed, ``{"image_id", "file_name",
+            "reason"}`` each (the job's failure records); listed in the metadata.
     """
     ordered = sorted(proposals, key=lambda p: p.image_id)
-    table = to_table(ordered, file_names)
+    table = to_table(ordered, file_names, failed)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=max(1, row_group_rows),
                    write_statistics=True, write_page_index=True, use_dictionary=["model"])
@@ -133,6 +153,14 @@ def images_from_metadata(metadata: dict[bytes, bytes] | None, source: str) -> li
         raise SegdistError(f"{source} has no '{IMAGES_KEY.decode()}' metadata: not a segdist "
                            "proposals Parquet file (see docs/formats.md)")
     return json.loads(metadata[IMAGES_KEY])
+
+
+def failed_from_metadata(metadata: dict[bytes, bytes] | None) -> list[dict[str, Any]]:
+    """The ``segdist.failed`` entries of a file's key-value metadata (``[]`` when absent: a file
+    written before the key existed, or not by a job)."""
+    if not metadata or FAILED_KEY not in metadata:
+        return []
+    return json.loads(metadata[FAILED_KEY])
 
 
 def from_table(table: pa.Table, entries: Sequence[dict[str, Any]]) -> list[ImageProposals]:

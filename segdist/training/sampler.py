@@ -33,6 +33,7 @@ from pycocotools import mask as mask_utils
 
 from segdist.data.records import Dataset
 from segdist.errors import SegdistError
+from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.training.crops import crop_resize
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,21 @@ class PatchSampler:
         scale_jitter: +- log2 units of scale jitter (original 0.25).
         shift_jitter: +- centre jitter in pixels at the canonical scale (original 16 at i_sz 160).
         image_cache: decoded images kept (LRU) in each process using the sampler.
+        max_pixels: the decoder's pixel limit (the dataset config's ``max_pixels``).
 
     Raises:
         SegdistError: the dataset has no annotation usable for training.
     """
 
     def __init__(self, dataset: Dataset, *, i_sz: int, g_sz: int, scale_jitter: float = 0.25,
-                 shift_jitter: float = 16.0, image_cache: int = 64):
+                 shift_jitter: float = 16.0, image_cache: int = 64,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         self.i_sz, self.g_sz = int(i_sz), int(g_sz)
         self.w_sz = self.i_sz + 32
         self.obj_sz = math.ceil(self.i_sz * 128 / 224)
         self.scale_jitter, self.shift = float(scale_jitter), float(shift_jitter)
         self.storage_options = dict(dataset.storage_options or {})
+        self.max_pixels = max_pixels
         self.records = list(dataset.images)
         self.dataset_name = dataset.name
         index_of = {r.image_id: i for i, r in enumerate(self.records)}
@@ -122,7 +126,7 @@ class PatchSampler:
         from segdist.imageio import read_image  # imported here: loader workers import lazily
 
         rec = self.records[index]
-        arr = read_image(rec.uri, self.storage_options)
+        arr = read_image(rec.uri, self.storage_options, self.max_pixels)
         if arr.shape[:2] != (rec.height, rec.width):
             raise SegdistError(
                 f"image {rec.uri} decodes to {arr.shape[1]}x{arr.shape[0]} but the annotations say "

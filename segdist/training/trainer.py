@@ -175,7 +175,7 @@ def make_sampler(dataset_cfg, cfg: TrainConfig) -> PatchSampler:
 
     return PatchSampler(load_dataset(dataset_cfg), i_sz=cfg.model.i_sz, g_sz=cfg.data.g_sz,
                         scale_jitter=cfg.data.scale_jitter, shift_jitter=cfg.data.shift_jitter,
-                        image_cache=cfg.data.image_cache)
+                        image_cache=cfg.data.image_cache, max_pixels=dataset_cfg.max_pixels)
 
 
 def fit(cfg: TrainConfig, ctx: TrainContext | None = None, *, stop_at_step: int | None = None,
