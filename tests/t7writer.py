@@ -4,11 +4,11 @@
 config = ...}`` as the original training code saves it, in every layout a released file may have
 (:class:`Variant`); :func:`save_t7` writes it.
 
-The serialiser follows torch7's ``File:writeObject`` (binary mode, 64-bit Linux: int = 4 bytes, long = 8 bytes,
-little endian): a type tag per value; tables, torch objects and functions carry a reference index
-(an object met again is written as its index only); torch objects are written as ``"V 1"``, the
-class name, then their payload (a field table for nn modules; size/stride/offset/storage for
-tensors; length and raw data for storages); functions as bytecode plus an upvalue table.
+The serialiser follows torch7's ``File:writeObject`` (binary mode, 64-bit Linux: int = 4 bytes,
+long = 8 bytes, little endian): a type tag per value; tables, torch objects and functions carry a
+reference index (an object met again is written as its index only); torch objects are written as
+``"V 1"``, the class name, then their payload (a field table for nn modules; size/stride/offset/
+storage for tensors; length and raw data for storages); functions as bytecode plus an upvalue table.
 
 Python values map as: None -> nil, bool -> boolean, int/float -> number, str/bytes -> string,
 dict -> table, list -> table with keys 1..n, :class:`LuaObject` -> torch object with a field table,

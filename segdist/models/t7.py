@@ -78,7 +78,8 @@ def _conv(obj: Any, path: str, params: _Params, name: str, k: int,
     which one with :func:`_stride`).
     """
     expect(obj, path, CONV)
-    n_out, n_in = int(number_field(obj, path, "nOutputPlane")), int(number_field(obj, path, "nInputPlane"))
+    n_out = int(number_field(obj, path, "nOutputPlane"))
+    n_in = int(number_field(obj, path, "nInputPlane"))
     kw, kh = int(number_field(obj, path, "kW")), int(number_field(obj, path, "kH"))
     dw, dh = _stride(obj, path)
     pw, ph = int(number_field(obj, path, "padW", 0)), int(number_field(obj, path, "padH", 0))
@@ -98,7 +99,8 @@ def _conv(obj: Any, path: str, params: _Params, name: str, k: int,
     params.put(name + ".weight", w.reshape(n_out, n_in, k, k), path)
     bias = lua_get(obj, "bias")
     # A conv saved with noBias() has no bias; the released layout's convs have one: use zeros.
-    b = tensor_field(obj, path, "bias") if isinstance(bias, np.ndarray) and bias.size else np.zeros(n_out, np.float32)
+    has_bias = isinstance(bias, np.ndarray) and bias.size
+    b = tensor_field(obj, path, "bias") if has_bias else np.zeros(n_out, np.float32)
     if b.size != n_out:
         raise T7FormatError(f"{path}: bias has {b.size} values, expected {n_out}")
     params.put(name + ".bias", b.reshape(n_out), path)
@@ -119,14 +121,14 @@ def _sympad(obj: Any, path: str, pad: int) -> None:
 
 
 def _padded_conv(obj: Any, path: str, params: _Params, name: str, k: int,
-                 stride: int | tuple[int, ...]) -> tuple[int, int, str]:
+                 stride: int | tuple[int, ...]) -> tuple[int, int]:
     """``Sequential{SpatialSymmetricPadding(k//2), conv kxk}`` as updatePadding makes it
-    -> (output channels, stride, the conv's path)."""
+    -> (output channels, stride)."""
     expect(obj, path, SEQ)
     (pad, pp), (conv, cp) = submodules(obj, path, 2)
     _sympad(pad, pp, k // 2)
     out = _conv(conv, cp, params, name, k, stride)
-    return out, _stride(conv, cp)[0], cp
+    return out, _stride(conv, cp)[0]
 
 
 def _affine(obj: Any, path: str, params: _Params, name: str, channels: int) -> None:
@@ -195,7 +197,7 @@ def _block(obj: Any, path: str, params: _Params, name: str, n_in: int,
         s1 = _stride(*bm[0])[0]
         _affine(*bm[1], params, name + ".aff1", planes)
         expect(*bm[2], RELU)
-        _, s3, cp3 = _padded_conv(*bm[3], params, name + ".conv2", 3, (1, stride))
+        _, s3 = _padded_conv(*bm[3], params, name + ".conv2", 3, (1, stride))
         if downsample and s1 * s3 != stride:
             raise T7FormatError(f"{bp}: a downsampling bottleneck needs stride {stride} on its first "
                                 f"1x1 or on its 3x3 convolution (one of them), found {s1} and {s3}")
@@ -208,10 +210,10 @@ def _block(obj: Any, path: str, params: _Params, name: str, n_in: int,
             _affine(*bm[7], params, name + ".aff3", out)
     else:
         kind = "basic"
-        planes, _, _ = _padded_conv(*bm[0], params, name + ".conv1", 3, stride)
+        planes, _ = _padded_conv(*bm[0], params, name + ".conv1", 3, stride)
         _affine(*bm[1], params, name + ".aff1", planes)
         expect(*bm[2], RELU)
-        out, _, _ = _padded_conv(*bm[3], params, name + ".conv2", 3, 1)
+        out, _ = _padded_conv(*bm[3], params, name + ".conv2", 3, 1)
         if tail:
             _affine(*bm[4], params, name + ".aff2", out)
     shortcut_affine = _shortcut(short, sp, params, name, projection=downsample or n_in != out,

@@ -2,8 +2,9 @@
 
 A fixed set of held-out jittered mask samples (the training sampler's rules, generated from a fixed
 seed, so every evaluation sees the same patches); the model's mask logits are resized to g_sz
-(:func:`resize_logits`, the original model's own upsampling layer), binarised at probability 0.5 (logit > 0) and compared with the +-1 labels. Reported: mean and
-median IoU, and the share of patches with IoU >= 0.5 and >= 0.7. As an extra (the original's
+(:func:`resize_logits`, the original model's own upsampling layer), binarised at probability 0.5
+(logit > 0) and compared with the +-1 labels. Reported: mean and median IoU, and the share of
+patches with IoU >= 0.5 and >= 0.7. As an extra (the original's
 in-training test had it too), the accuracy of the score head on as many held-out score samples.
 """
 
