@@ -13,6 +13,8 @@ import torch.nn.functional as F
 
 from segdist.training.patch_eval import patch_ious, resize_logits
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def resampling_ex_loop(plane: np.ndarray, oh: int, ow: int) -> np.ndarray:
     """SpatialReSamplingEx's bilinear rule, one output pixel at a time, in float32 as its C code

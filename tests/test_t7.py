@@ -15,6 +15,9 @@ from t7writer import (HEADS, LuaFunction, LuaObject, Storage, Tensor, Variant, c
 
 C_AFFINE = Variant(affine_shape="C")
 
+# One torch thread: with the cores shared (Ray workers, other tests) more threads only wait.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 # ---------------------------------------------------------------------------------------------
 # a plain interpreter of the Lua modules (eval mode)
@@ -408,14 +411,14 @@ def test_receptive_radius_of_the_stride_positions(layout, radius):
     nothing cancels, so the input gradient of one cell is nonzero exactly on its field."""
     from segdist.models.trunk import build_trunk
 
-    trunk = build_trunk("resnet50", layout).double()
+    trunk = build_trunk("resnet50", layout)
     assert trunk.rf_radius == radius
     with torch.no_grad():
         for name, p in trunk.named_parameters():
             p.copy_(torch.full_like(p, 0.0) if name.endswith("bias")
                     else torch.full_like(p, 1.0 / p[0].numel()))
     trunk.maxpool = torch.nn.AvgPool2d(3, 2, 1)
-    x = torch.rand(1, 3, 336, 336, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(1, 3, 336, 336, requires_grad=True)
     r = 10  # layer3 cell (10, 10) is centred on pixel (160, 160); its field stays inside the image
     trunk(x)["layer3"][0, :, r, r].sum().backward()
     rows = x.grad[0].abs().sum(dim=(0, 2)).nonzero()[:, 0]

@@ -29,6 +29,7 @@ the original's ``updatePadding`` does; the max pool keeps its own (-inf) padding
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -234,10 +235,7 @@ class Trunk(nn.Module):
             make = block
         else:
             block = _FoldedBottleneck if kind == "bottleneck" else _FoldedBasicBlock
-            form = self.form
-
-            def make(inplanes: int, planes: int, stride: int) -> nn.Module:
-                return block(inplanes, planes, stride, form)
+            make = functools.partial(block, form=self.form)
         folded = self.form is not None
         self.conv1 = SymPadConv2d(3, 64, 7, stride=2, sym_pad=3, bias=folded)
         if folded:
