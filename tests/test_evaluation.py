@@ -16,11 +16,12 @@ from pycocotools.cocoeval import COCOeval
 
 from segdist.errors import SegdistError
 from segdist.evaluation.groundtruth import eval_image_ids, prepare_ground_truth
-from segdist.evaluation.matching import greedy_match
+from segdist.evaluation.kernels import greedy_match
 from segdist.evaluation.metrics import coco_stats, summarize
 from segdist.evaluation.protocol import ALL_IOUS, AREA_RANGES, STANDARD_IOUS
 from segdist.evaluation.recall import count_images
-from segdist.evaluation.sharded import evaluate_proposals, evaluate_shard
+from segdist.evaluation.shard import GroundTruth, evaluate_shard
+from segdist.evaluation.sharded import evaluate_proposals
 from segdist.proposals.layout import write_chunk
 from segdist.proposals.types import ImageProposals
 
@@ -278,13 +279,23 @@ def _write_chunks(out, props, per_chunk, formats):
         write_chunk(str(out), i // per_chunk, [props[j] for j in ids[i:i + per_chunk]], formats)
 
 
-def test_sharded_ray_equals_single_cocoeval(ray_cluster, synthetic):
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "ray"])
+def test_sharded_equals_single_cocoeval(request, synthetic, in_process):
+    if not in_process:
+        request.getfixturevalue("ray_cluster")
     gt_dict, props, root = synthetic
     out = root / "run"
-    _write_chunks(out, props, 6, ["parquet", "coco-json"])
+    if not out.exists():
+        _write_chunks(out, props, 6, ["parquet", "coco-json"])
     for uri in (str(out), str(out / "coco-json")):  # the Parquet and the COCO-JSON readers
-        run = evaluate_proposals(uri, gt_dict, progress=False)
+        run = evaluate_proposals(uri, gt_dict, in_process=in_process, progress=False)
         assert run.shards == 5 and run.images == {"segm": 32, "bbox": 32}
+        assert run.mode == ("in-process" if in_process else "ray")
+        if not in_process:
+            # The ground truth is fetched once per worker process, not once per task.
+            fetched = [r.worker for r in run.shard_results if r.gt_fetched]
+            assert len(fetched) == len(set(fetched)) >= 1
+            assert len({r.worker for r in run.shard_results}) == len(fetched)
         for iou_type in ("segm", "bbox"):
             ref = cocoeval(gt_dict, list(props.values()), iou_type)
             got = coco_stats(run.counts[iou_type])
@@ -299,7 +310,7 @@ def test_single_results_file_is_split_into_shards(ray_cluster, synthetic, tmp_pa
     gt_dict, props, _ = synthetic
     path = tmp_path / "results.segm.json"
     path.write_text(json.dumps(coco_results(list(props.values()), "segm")))
-    run = evaluate_proposals(str(path), gt_dict, shard_images=8, progress=False)
+    run = evaluate_proposals(str(path), gt_dict, shard_images=8, in_process=False, progress=False)
     assert run.kind == "coco-results" and run.shards == 4
     for iou_type in ("segm", "bbox"):
         # bbox of segment-only results: the masks' tight boxes, as COCO.loadRes computes them.
@@ -353,7 +364,7 @@ def test_original_props_layout_evaluates_unchanged(ray_cluster, synthetic, tmp_p
         part = [props[i] for i in ids[start:start + 10]]
         end = start + len(part)
         (tmp_path / f"props-{start}-{end}.json").write_text(json.dumps(coco_results(part, "segm")))
-    run = evaluate_proposals(str(tmp_path), gt_dict, progress=False)
+    run = evaluate_proposals(str(tmp_path), gt_dict, in_process=False, progress=False)
     assert run.kind == "original" and run.shards == 3
     for iou_type in ("segm", "bbox"):
         ref = cocoeval(gt_dict, list(props.values()), iou_type)
@@ -369,13 +380,15 @@ def test_clear_errors_for_proposals_that_do_not_fit(ray_cluster, synthetic, tmp_
     stranger = _proposals_from_masks(10**9, [_rect(20, 20, 1, 1, 9, 9)], [0.5])
     _write_chunks(tmp_path / "a", {**{i: props[i] for i in ids[:4]}, 10**9: stranger}, 3,
                   ["parquet"])
-    with pytest.raises(SegdistError, match="not in the ground truth"):
-        evaluate_proposals(str(tmp_path / "a"), gt_dict, progress=False)
+    for in_process in (True, False):
+        with pytest.raises(SegdistError, match="not in the ground truth"):
+            evaluate_proposals(str(tmp_path / "a"), gt_dict, in_process=in_process,
+                               progress=False)
     p = props[ids[0]]
     resized = _proposals_from_masks(p.image_id, [_rect(p.height + 1, p.width, 0, 0, 5, 5)], [1.0])
     _write_chunks(tmp_path / "b", {p.image_id: resized, ids[1]: props[ids[1]]}, 1, ["parquet"])
     with pytest.raises(SegdistError, match="proposal masks are"):
-        evaluate_proposals(str(tmp_path / "b"), gt_dict, progress=False)
+        evaluate_proposals(str(tmp_path / "b"), gt_dict, in_process=False, progress=False)
 
 
 def test_box_only_proposals_evaluate_boxes(ray_cluster, synthetic, tmp_path):
@@ -383,7 +396,7 @@ def test_box_only_proposals_evaluate_boxes(ray_cluster, synthetic, tmp_path):
     boxes_only = {i: ImageProposals(i, 0, 0, p.scores, p.boxes, None, "maskrcnn-rpn")
                   for i, p in props.items()}
     _write_chunks(tmp_path, boxes_only, 12, ["coco-json"])
-    run = evaluate_proposals(str(tmp_path), gt_dict, progress=False)
+    run = evaluate_proposals(str(tmp_path), gt_dict, in_process=False, progress=False)
     assert list(run.counts) == ["bbox"]
     ref = cocoeval(gt_dict, list(props.values()), "bbox")
     assert coco_stats(run.counts["bbox"]) == pytest.approx(ref.stats[6:12].tolist(), abs=1e-12)
@@ -394,9 +407,9 @@ def test_box_only_proposals_evaluate_boxes(ray_cluster, synthetic, tmp_path):
 def test_evaluate_shard_reports_unknown_images_without_counting():
     gt_dict, props = hard_case(0, n_images=6)
     ids = eval_image_ids(gt_dict, "bbox")
-    gt = {"all_ids": set(ids), "bbox": prepare_ground_truth(gt_dict, ids, segments=False)}
+    gt = GroundTruth.prepare(gt_dict, {"bbox": ids})
     stray = ImageProposals(424242, 10, 10, [0.5], [[0, 0, 2, 2]], None, "x")
     out = evaluate_shard([*props.values(), stray], gt, ["bbox"], 1000)
-    assert out["unknown"] == [424242] and out["counts"] == {}
+    assert out.unknown == [424242] and out.counts == {}
     out = evaluate_shard(list(props.values()), gt, ["bbox"], 100)
-    assert out["counts"]["bbox"].n_images == len(props) and out["counts"]["bbox"].max_dets == 100
+    assert out.counts["bbox"].n_images == len(props) and out.counts["bbox"].max_dets == 100

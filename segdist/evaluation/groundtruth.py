@@ -38,8 +38,8 @@ class ImageGT:
         crowd: bool[G] ``iscrowd`` (crowd regions are ignored and may be matched many times).
         area: float64[G] the annotation ``area`` field; it alone decides small/medium/large.
         boxes: float64[G, 4] COCO ``[x, y, w, h]`` of each annotation (zeros when absent).
-        rles: G compressed RLE dicts ``{"size": [h, w], "counts": bytes | str}``, or None when the
-            segments were not prepared (box evaluation only).
+        rle_counts: G compressed COCO RLE strings (bytes) of ``height x width`` masks, or None
+            when the segments were not prepared (box evaluation only).
     """
 
     image_id: int
@@ -49,7 +49,7 @@ class ImageGT:
     crowd: np.ndarray
     area: np.ndarray
     boxes: np.ndarray
-    rles: list[dict[str, Any]] | None
+    rle_counts: list[bytes] | None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -131,7 +131,7 @@ def prepare_ground_truth(coco_gt: Mapping[str, Any], image_ids: Iterable[int], *
             elif boxes:
                 raise SegdistError(f"image {image_id}: annotation {a.get('id')} has no 'bbox'; "
                                    "box AR needs one per annotation")
-        rles = None
+        rle_counts = None
         if segments:
             try:
                 rles = [coco.annToRLE(a) for a in anns]
@@ -139,6 +139,14 @@ def prepare_ground_truth(coco_gt: Mapping[str, Any], image_ids: Iterable[int], *
                 raise SegdistError(
                     f"image {image_id}: an annotation has no segmentation; mark the image "
                     f"'{HAS_SEGMENTS_KEY}': false to evaluate it for boxes only") from exc
+            size = [int(img["height"]), int(img["width"])]
+            for a, rle in zip(anns, rles):
+                if [int(v) for v in rle["size"]] != size:
+                    raise SegdistError(f"image {image_id}: annotation {a.get('id')} has a "
+                                       f"{rle['size'][0]}x{rle['size'][1]} RLE but the image is "
+                                       f"{size[0]}x{size[1]}; fix the ground truth")
+            rle_counts = [c.encode("ascii") if isinstance(c, str) else bytes(c)
+                          for c in (rle["counts"] for rle in rles)]
         out[image_id] = ImageGT(
             image_id=image_id,
             height=int(img["height"]),
@@ -147,6 +155,6 @@ def prepare_ground_truth(coco_gt: Mapping[str, Any], image_ids: Iterable[int], *
             crowd=np.asarray([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool),
             area=area,
             boxes=gt_boxes,
-            rles=rles,
+            rle_counts=rle_counts,
         )
     return out

@@ -18,11 +18,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from segdist.errors import SegdistError
 from segdist.evaluation.groundtruth import ImageGT
-from segdist.evaluation.matching import greedy_match
+from segdist.evaluation.kernels import box_ious, greedy_match, segm_ious
 from segdist.evaluation.protocol import ALL_IOUS, AREA_LABELS, AREA_RANGES, STANDARD_IOUS
 from segdist.proposals.types import ImageProposals
 
@@ -103,26 +101,22 @@ class RecallCounts:
 
 def _image_ious(gt: ImageGT, props: ImageProposals, order: np.ndarray, iou_type: str) -> np.ndarray:
     """float64[D, G] IoU of the kept detections (in ``order``) with the GTs, as COCOeval.computeIoU."""
-    if iou_type == "segm":
-        if props.counts is None:
-            raise SegdistError(f"image {props.image_id}: box-only proposals have no segments; "
-                               "evaluate them with --iou-types bbox")
-        if gt.rles is None:
-            raise ValueError("ground truth prepared without segments")
-        if (props.height, props.width) != (gt.height, gt.width):
-            raise SegdistError(
-                f"image {props.image_id}: proposal masks are {props.height}x{props.width} but the "
-                f"image is {gt.height}x{gt.width} in the ground truth; the proposals were made "
-                "for another dataset (or resized images)")
-        dts = [{"size": [props.height, props.width], "counts": props.counts[i]} for i in order]
-        gts = gt.rles
-    else:
-        dts = props.boxes[order].astype(np.float64)
-        gts = gt.boxes
-    ious = mask_utils.iou(dts, gts, gt.crowd.astype(np.uint8))
-    if len(ious) == 0:
-        return np.zeros((len(order), len(gt)), dtype=np.float64)
-    return np.asarray(ious, dtype=np.float64).reshape(len(order), len(gt))
+    if iou_type == "bbox":
+        return box_ious(props.boxes[order], gt.boxes, gt.crowd)
+    if props.counts is None:
+        raise SegdistError(f"image {props.image_id}: box-only proposals have no segments; "
+                           "evaluate them with --iou-types bbox")
+    if gt.rle_counts is None:
+        raise ValueError("ground truth prepared without segments")
+    if (props.height, props.width) != (gt.height, gt.width):
+        raise SegdistError(
+            f"image {props.image_id}: proposal masks are {props.height}x{props.width} but the "
+            f"image is {gt.height}x{gt.width} in the ground truth; the proposals were made "
+            "for another dataset (or resized images)")
+    try:
+        return segm_ious(props.counts, order, gt.rle_counts, gt.height, gt.width, gt.crowd)
+    except ValueError as exc:
+        raise SegdistError(f"image {props.image_id}: {exc}") from None
 
 
 def count_image(counts: RecallCounts, gt: ImageGT, props: ImageProposals | None) -> None:

@@ -55,12 +55,22 @@ def run_entry(run: EvalRun, name: str) -> dict[str, Any]:
         "name": name, "proposals": run.proposals_uri, "layout": run.kind, "model": run.model,
         "images_evaluated": run.images, "shards": run.shards,
         "images_outside_selection": run.images_outside, "seconds": round(run.seconds, 3),
+        "mode": run.mode, "shard_seconds": _shard_seconds(run),
         "manifest": ({k: run.manifest.get(k) for k in _MANIFEST_KEYS if k in run.manifest}
                      if run.manifest else None),
     }
     for iou_type, counts in run.counts.items():
         entry[iou_type] = summarize(counts)
     return entry
+
+
+def _shard_seconds(run: EvalRun) -> dict[str, float]:
+    """Seconds summed over shards per part (read, gt, segm, bbox): where the time went."""
+    total: dict[str, float] = {}
+    for r in run.shard_results:
+        for k, v in r.seconds.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 3) for k, v in sorted(total.items())}
 
 
 def build_report(runs: Sequence[EvalRun], dataset: Mapping[str, Any],

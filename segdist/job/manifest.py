@@ -18,7 +18,8 @@ from typing import Any
 
 from segdist import __version__, storage
 from segdist.data.records import ImageRecord
-from segdist.job.state import MANIFEST, ChunkRecord
+from segdist.job.state import ChunkRecord
+from segdist.proposals.layout import MANIFEST
 
 MANIFEST_VERSION = 1
 _PACKAGES = ("torch", "torchvision", "ray", "pycocotools", "pyarrow", "numpy", "fsspec", "s3fs",

@@ -31,15 +31,10 @@ from segdist.config import JobConfig
 from segdist.errors import SegdistError, StorageError
 from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.proposals import layout
+from segdist.proposals.layout import CHUNK_PREFIX, CHUNKS_DIR, MANIFEST, RUN_FILE, STATE_DIR
 
 log = logging.getLogger(__name__)
-_CHUNK_FILE = re.compile(r"^(\.tmp-)?chunk-\d{6,}\.")
-_RECORD_FILE = re.compile(r"^chunk-(\d{6,})\.json$")
-
-STATE_DIR = "_segdist"
-RUN_FILE = "run.json"
-CHUNKS_DIR = "chunks"
-MANIFEST = "manifest.json"
+_RECORD_FILE = re.compile("^" + re.escape(CHUNK_PREFIX) + r"(\d{6,})\.json$")
 
 # Model settings that change how a run executes but not what it writes (a resumed run may move
 # from a CPU laptop to a GPU cluster, or change its batch size, without invalidating the output).
@@ -225,7 +220,7 @@ def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, 
     names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
     if plan_ids is not None:
         wanted_names = {layout.chunk_name(i) + ".json" for i in range(n_chunks)}
-        beyond = sorted(n for n in names if n.startswith("chunk-") and n.endswith(".json")
+        beyond = sorted(n for n in names if n.startswith(CHUNK_PREFIX) and n.endswith(".json")
                         and n not in wanted_names)
         if beyond:
             raise SegdistError(
@@ -277,7 +272,7 @@ def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> Non
     for folder in (layout.PARQUET_DIR, layout.COCO_DIR):
         uri = storage.join(out_uri, folder)
         paths = [storage.url_to_fs(storage.join(uri, name), storage_options)[1]
-                 for name in sorted(_list_names(uri, storage_options)) if _CHUNK_FILE.match(name)]
+                 for name in sorted(_list_names(uri, storage_options)) if layout.CHUNK_FILE_RE.match(name)]
         if paths:
             with contextlib.suppress(FileNotFoundError):
                 fs.rm(paths)  # one bulk delete per request batch on object stores

@@ -1,11 +1,16 @@
-"""Where a chunk's files live under an output URI, and writing a chunk atomically.
+"""The output layout (every folder and file name a run writes), and writing a chunk atomically.
 
-Layout for an output URI ``OUT`` (see docs/formats.md)::
+Layout for an output URI ``OUT`` (see docs/formats.md); this module is the one place that knows
+these names (the job, the proposal store and the evaluation all ask it)::
 
     OUT/parquet/chunk-000012.parquet
     OUT/coco-json/chunk-000012.segm.json[.gz]   (only when the proposals have masks)
     OUT/coco-json/chunk-000012.bbox.json[.gz]
     OUT/coco-json/images.json                   the run's images (id, file_name, height, width)
+    OUT/manifest.json                            written last by the job's driver
+    OUT/_segdist/run.json                        the job's run record (written first)
+    OUT/_segdist/chunks/chunk-000012.json        the job's per-chunk commit records
+    OUT/eval/                                    ``segdist evaluate``'s report (default place)
 
 Every file is written with :func:`segdist.storage.atomic_write`, so each appears whole or not at
 all. The files of a chunk are written in a fixed order (segm, bbox, parquet) and a chunk counts as
@@ -15,6 +20,7 @@ leaves a chunk that is not committed and is rewritten (byte-identical) on resume
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +33,16 @@ FORMATS = ("coco-json", "parquet")
 PARQUET_DIR = "parquet"
 COCO_DIR = "coco-json"
 IMAGES_INDEX = "images.json"  # beside the COCO-JSON chunks: written by the job at its end
+MANIFEST = "manifest.json"
+STATE_DIR = "_segdist"
+RUN_FILE = "run.json"
+CHUNKS_DIR = "chunks"
+EVAL_DIR = "eval"
+CHUNK_PREFIX = "chunk-"
+#: A chunk's files (or a killed writer's temporary file of one) in the format folders.
+CHUNK_FILE_RE = re.compile(r"^(\.tmp-)?" + re.escape(CHUNK_PREFIX) + r"\d{6,}\.")
+#: A COCO-JSON chunk file: groups (chunk index, "segm" or "bbox", ".gz" or None).
+COCO_CHUNK_RE = re.compile(re.escape(CHUNK_PREFIX) + r"(\d+)\.(segm|bbox)\.json(\.gz)?$")
 # Write order: Parquet last, since it is the one file that also lists zero-proposal images.
 _ORDER = ("segm", "bbox", "parquet")
 
@@ -35,7 +51,23 @@ def chunk_name(i: int) -> str:
     """``chunk_name(12) -> "chunk-000012"`` (six digits: one million chunks sort lexically)."""
     if i < 0:
         raise ValueError(f"chunk index must be >= 0, got {i}")
-    return f"chunk-{i:06d}"
+    return f"{CHUNK_PREFIX}{i:06d}"
+
+
+def manifest_uri(out_uri: str) -> str:
+    """``OUT/manifest.json``."""
+    return storage.join(out_uri, MANIFEST)
+
+
+def manifest_candidates(location: str) -> list[str]:
+    """Where the manifest of the run holding ``location`` is: in it, or one level up when
+    ``location`` is one of the run's format folders (``OUT/parquet``, ``OUT/coco-json``)."""
+    root = location.rstrip("/")
+    out = [manifest_uri(root)]
+    parent, base = root.rsplit("/", 1) if "/" in root else ("", root)
+    if base in (PARQUET_DIR, COCO_DIR) and parent:
+        out.append(manifest_uri(parent))
+    return out
 
 
 def _check_formats(formats: Iterable[str]) -> list[str]:

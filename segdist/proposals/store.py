@@ -21,30 +21,40 @@ File names: ``file_names()`` maps ids to the images' file names (paths relative 
 where the location records them: Parquet's per-image metadata, or the ``images.json`` beside
 segdist's COCO-JSON chunks; ``get_by_file_name(name)`` reads one image by its file name.
 
-Stores are picklable and fork-safe (filesystems and open files are per process), so one store can
-be handed to DataLoader workers or Ray tasks.
+``store.manifest`` is the run's manifest as opening read it (in the location, or one level up from
+its ``parquet/`` or ``coco-json/`` folder; None for COCO results from elsewhere). ``store.shards()``
+splits a location into independently readable parts (one per chunk file) for parallel readers such
+as the evaluation. Folder and file names come from :mod:`segdist.proposals.layout`.
+
+Stores and shards are picklable and fork-safe (filesystems and open files are per process), so
+they can be handed to DataLoader workers or Ray tasks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
+import posixpath
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from segdist import storage
 from segdist.errors import SegdistError, StorageError
-from segdist.proposals import cocojson
+from segdist.proposals import cocojson, layout
 from segdist.proposals import parquet as parquet_format
-from segdist.proposals.layout import IMAGES_INDEX
 from segdist.proposals.types import ImageProposals
 
-_CHUNK_RE = re.compile(r"chunk-(\d+)\.(segm|bbox)\.json(\.gz)?$")
+log = logging.getLogger(__name__)
+
+# The original DeepMask/SharpMask release's names (an external format, not segdist's layout).
 _PROPS_RE = re.compile(r"props-(\d+)-(\d+)\.json(\.gz)?$")
 
 
@@ -55,19 +65,44 @@ class MissingImageError(SegdistError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One independently readable part of a proposals location: a chunk file (or one results file).
+
+    Picklable: hand it to another process (a Ray task) and call :meth:`read` there; it reads only
+    its own file(s).
+
+    Attributes:
+        name: the part's file name (e.g. ``chunk-000012.parquet``).
+        num_images: images in it when known without reading (Parquet metadata), else None.
+    """
+
+    name: str
+    num_images: int | None
+    _store: "ProposalStore"
+
+    def read(self, masks: bool = True) -> list[ImageProposals]:
+        """The part's images, ascending id (``masks=False``: counts None where the format allows
+        skipping them)."""
+        return [p for chunk in self._store.iter_chunks(masks=masks) for p in chunk]
+
+
 class ProposalStore:
     """Read access to the proposals of one location. Subclasses fill in the storage details.
 
     Attributes:
         uri: the location as given.
         kind: ``"parquet"``, ``"coco-json"``, ``"original"`` or ``"coco-results"``.
+        manifest: the run's ``manifest.json`` as read when opening (None when there is none).
     """
 
     kind = "?"
 
-    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None):
+    def __init__(self, uri: str, storage_options: Mapping[str, Any] | None,
+                 manifest: dict[str, Any] | None = None):
         self.uri = uri
         self.storage_options = dict(storage_options or {})
+        self.manifest = manifest
         self._pid = -1
         self._fs_obj = None
         self._ids_by_name: dict[str, int] | None = None  # built on the first by-name lookup
@@ -115,6 +150,10 @@ class ProposalStore:
         """
         raise NotImplementedError
 
+    def shards(self) -> list[Shard]:
+        """The location's independently readable parts, one per chunk file, in chunk order."""
+        raise NotImplementedError
+
     def iter_images(self, masks: bool = True) -> Iterator[ImageProposals]:
         """Every image in ascending id order (streams chunk by chunk when chunks are in id order)."""
         ranges = self._chunk_id_ranges()
@@ -159,8 +198,9 @@ class ParquetStore(ProposalStore):
     kind = "parquet"
     _CACHE_FILES = 4
 
-    def __init__(self, uri: str, paths: Sequence[str], storage_options: Mapping[str, Any] | None):
-        super().__init__(uri, storage_options)
+    def __init__(self, uri: str, paths: Sequence[str], storage_options: Mapping[str, Any] | None,
+                 manifest: dict[str, Any] | None = None):
+        super().__init__(uri, storage_options, manifest)
         self.paths = list(paths)
         self._files: OrderedDict[int, Any] = OrderedDict()
         footers = self._read_footers()
@@ -178,6 +218,23 @@ class ParquetStore(ProposalStore):
             self._file_entries.append(sorted(entries, key=lambda e: e["id"]))
             self._row_groups.append(_row_group_ranges(md))
         self._ids = sorted(self._entries)
+
+    def shards(self) -> list[Shard]:
+        return [Shard(posixpath.basename(self.paths[k]), len(self._file_entries[k]), self._part(k))
+                for k in sorted(range(len(self.paths)), key=self._first_id)]
+
+    def _part(self, k: int) -> "ParquetStore":
+        """A store over file ``k`` alone, from the index already read (no footer is read again)."""
+        part = copy.copy(self)
+        part.paths = [self.paths[k]]
+        part._file_entries = [self._file_entries[k]]
+        part._row_groups = [self._row_groups[k]]
+        part._entries = {e["id"]: (0, e) for e in self._file_entries[k]}
+        part._ids = sorted(part._entries)
+        part._files = OrderedDict()
+        part._fs_obj, part._pid = None, -1
+        part.manifest = None  # the location's, not the part's (and not worth pickling per shard)
+        return part
 
     def _read_footers(self):
         import pyarrow.parquet as pq
@@ -303,8 +360,9 @@ class CocoResultsStore(ProposalStore):
     """
 
     def __init__(self, uri: str, kind: str, chunks: Sequence[tuple[str | None, str | None]],
-                 storage_options: Mapping[str, Any] | None, model: str):
-        super().__init__(uri, storage_options)
+                 storage_options: Mapping[str, Any] | None, model: str,
+                 manifest: dict[str, Any] | None = None):
+        super().__init__(uri, storage_options, manifest)
         self.kind = kind
         self.chunks = list(chunks)
         self.model = model
@@ -319,6 +377,12 @@ class CocoResultsStore(ProposalStore):
         state = super().__getstate__()
         state["_cached"] = None
         return state
+
+    def shards(self) -> list[Shard]:
+        return [Shard(posixpath.basename(segm or bbox or ""), None,
+                      CocoResultsStore(self.uri, self.kind, [(segm, bbox)], self.storage_options,
+                                       self.model))
+                for segm, bbox in self.chunks]
 
     def _load(self, k: int, masks: bool = True) -> list[ImageProposals]:
         fs = self._fs()
@@ -394,7 +458,7 @@ class CocoResultsStore(ProposalStore):
         if self.kind != "coco-json" or not self.chunks:
             return {}
         first = next(p for p in self.chunks[0] if p is not None)
-        path = first.rsplit("/", 1)[0] + "/" + IMAGES_INDEX
+        path = first.rsplit("/", 1)[0] + "/" + layout.IMAGES_INDEX
         try:
             doc = json.loads(self._fs().cat_file(path))
         except FileNotFoundError:
@@ -405,22 +469,36 @@ class CocoResultsStore(ProposalStore):
                 if "file_name" in im}
 
 
-def _model_from_manifest(fs, root: str) -> str | None:
-    path = root.rstrip("/") + "/manifest.json"
-    try:
-        manifest = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, ValueError):
-        return None
-    model = manifest.get("model") if isinstance(manifest, dict) else None
-    if isinstance(model, dict):
+def _read_manifest(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The manifest of the run holding ``uri`` (see :func:`layout.manifest_candidates`), or None.
+
+    A manifest that is not readable JSON is reported and ignored: the proposals are still readable.
+    """
+    for target in layout.manifest_candidates(uri):
+        try:
+            data = storage.read_bytes(target, storage_options)
+        except StorageError:
+            continue
+        try:
+            manifest = json.loads(data)
+        except ValueError:
+            log.warning("%s is not readable JSON; the run's manifest is ignored", target)
+            return None
+        return manifest if isinstance(manifest, dict) else None
+    return None
+
+
+def _manifest_model(manifest: Mapping[str, Any] | None) -> str | None:
+    model = manifest.get("model") if manifest else None
+    if isinstance(model, Mapping):
         model = model.get("name")
     return model if isinstance(model, str) else None
 
 
 def _coco_chunks(fs, folder: str) -> list[tuple[str | None, str | None]]:
     found: dict[int, dict[str, str]] = {}
-    for path in fs.glob(folder.rstrip("/") + "/chunk-*.json*"):
-        m = _CHUNK_RE.search(path)
+    for path in fs.glob(folder.rstrip("/") + f"/{layout.CHUNK_PREFIX}*.json*"):
+        m = layout.COCO_CHUNK_RE.search(path)
         if m:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = path
     return [(v.get("segm"), v.get("bbox")) for _, v in sorted(found.items())]
@@ -458,30 +536,32 @@ def open_proposals(uri: str, storage_options: Mapping[str, Any] | None = None, *
     if not fs.isdir(path):
         raise StorageError(f"{uri} does not exist (expected a proposals folder or file)")
 
-    for folder in (path + "/parquet", path):
+    # The job's manifest (OUT/manifest.json, "model": {"name": ...}); the folder given may be OUT
+    # or one of its format folders. Read once here, for the store's users (the evaluation report).
+    manifest = _read_manifest(uri, storage_options)
+    for folder in (f"{path}/{layout.PARQUET_DIR}", path):
         files = sorted(fs.glob(folder + "/*.parquet"))
         if files:
-            return ParquetStore(uri, files, storage_options)
+            return ParquetStore(uri, files, storage_options, manifest)
 
-    # The job's manifest (OUT/manifest.json, "model": {"name": ...}) names the model; the folder
-    # given may be OUT or OUT/coco-json.
-    manifest_model = (model or _model_from_manifest(fs, path)
-                      or _model_from_manifest(fs, path.rsplit("/", 1)[0]) or "unknown")
-    for folder in (path + "/coco-json", path):
+    manifest_model = model or _manifest_model(manifest) or "unknown"
+    for folder in (f"{path}/{layout.COCO_DIR}", path):
         chunks = _coco_chunks(fs, folder)
         if chunks:
-            return CocoResultsStore(uri, "coco-json", chunks, storage_options, manifest_model)
+            return CocoResultsStore(uri, "coco-json", chunks, storage_options, manifest_model,
+                                    manifest)
 
     segm, bbox = _props_files(fs, path + "/segm"), _props_files(fs, path + "/bbox")
     if segm or bbox:
         starts = sorted(set(segm) | set(bbox))
         return CocoResultsStore(uri, "original", [(segm.get(s), bbox.get(s)) for s in starts],
-                                storage_options, manifest_model)
+                                storage_options, manifest_model, manifest)
     for folder in (path, path + "/jsons"):
         props = _props_files(fs, folder)
         if props:
             return CocoResultsStore(uri, "original", [(props[s], None) for s in sorted(props)],
-                                    storage_options, manifest_model)
+                                    storage_options, manifest_model, manifest)
     raise SegdistError(
-        f"no proposals found at {uri}: expected parquet/chunk-*.parquet, "
-        "coco-json/chunk-*.segm.json[.gz], props-<start>-<end>.json or a COCO results .json file")
+        f"no proposals found at {uri}: expected {layout.PARQUET_DIR}/{layout.CHUNK_PREFIX}*.parquet, "
+        f"{layout.COCO_DIR}/{layout.CHUNK_PREFIX}*.segm.json[.gz], props-<start>-<end>.json or a "
+        "COCO results .json file")
