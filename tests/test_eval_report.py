@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import json
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from PIL import Image
 from test_evaluation import hard_case
 
 from segdist import storage
 from segdist.cli import main
 from segdist.evaluation.groundtruth import eval_image_ids, prepare_ground_truth
 from segdist.evaluation.metrics import summarize
-from segdist.evaluation.plots import RUN_COLORS, ar_vs_proposals_figure, figure_png
+from segdist.evaluation.plots import PANEL_W, PLOT, RUN_COLORS, ar_vs_proposals_svg
 from segdist.evaluation.recall import count_images
 from segdist.evaluation.report import (build_report, default_out, markdown_table, run_names,
                                        write_report)
@@ -41,43 +40,40 @@ def _runs():
     return runs
 
 
-def _colour_pixels(rgb: np.ndarray, colour: str, box) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of pixels within 8 levels of ``colour`` inside ``box`` (x0, y0, x1, y1)."""
-    target = np.array([int(colour[k:k + 2], 16) for k in (1, 3, 5)])
-    x0, y0, x1, y1 = box
-    near = (np.abs(rgb[y0:y1, x0:x1].astype(int) - target) <= 8).all(axis=2)
-    rows, cols = np.nonzero(near)
-    return rows + y0, cols + x0
+def _polylines(svg: bytes, colour: str) -> list[np.ndarray]:
+    """Points (N x 2, SVG pixels: y grows downwards) of the lines drawn in ``colour``."""
+    root = ET.fromstring(svg)
+    out = []
+    for el in root.iter("{http://www.w3.org/2000/svg}polyline"):
+        if el.get("stroke") == colour:
+            out.append(np.array([[float(v) for v in p.split(",")] for p in el.get("points").split()]))
+    return out
 
 
 def test_plot_draws_each_runs_curve_rising_in_the_plot_area():
     report = build_report(_runs(), {"name": "hard"})
-    fig = ar_vs_proposals_figure(report["runs"])
-    fig.tight_layout()
-    fig.canvas.draw()
-    height = int(fig.bbox.height)
-    ax = fig.axes[0]  # segments panel
-    ex, lg = ax.get_window_extent(), ax.get_legend().get_window_extent()
-    png = figure_png(fig)
-    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    assert rgb.shape[0] == height
-    # The plot area below the legend (display y grows upwards, image rows downwards).
-    box = (int(ex.x0) + 2, int(height - lg.y0) + 2, int(ex.x1) - 2, int(height - ex.y0) - 2)
-    width = box[2] - box[0]
-    pixels = [_colour_pixels(rgb, RUN_COLORS[i], box) for i in range(2)]
-    for i, (rows, _) in enumerate(pixels):
-        assert len(rows) > 100, f"run {i}: curve colour not in the plot area"
-    # The two curves coincide up to 5 proposals (run 1 is run 0's top 5), where run 1 is on top.
-    rows = np.concatenate([p[0] for p in pixels])
-    cols = np.concatenate([p[1] for p in pixels])
-    assert cols.max() - cols.min() > 0.8 * width  # drawn across the whole x range
-    left = rows[cols < box[0] + width // 10].mean()
-    right = [r[c > box[2] - width // 10].mean() for r, c in pixels]
-    assert left > right[0] + 20  # AR rises with the number of proposals
-    assert right[0] < right[1]  # the better run ends higher in the picture
-    top5 = report["runs"][1]["segm"]["metrics"]["AR@1000"]
-    full = report["runs"][0]["segm"]["metrics"]["AR@1000"]
-    assert full > top5
+    svg = ar_vs_proposals_svg(report["runs"])
+    root = ET.fromstring(svg)  # well-formed XML
+    assert int(root.get("width")) == 2 * PANEL_W  # segments and boxes panels
+    x0, y0, x1, y1 = PLOT
+    ends = []
+    for i in range(2):
+        lines = _polylines(svg, RUN_COLORS[i])
+        assert len(lines) == 2  # one line per panel
+        seg = lines[0]  # the segments panel (left)
+        assert len(seg) == 1000
+        assert (seg[:, 0] >= x0).all() and (seg[:, 0] <= x1).all()
+        assert (seg[:, 1] >= y0).all() and (seg[:, 1] <= y1).all()
+        assert seg[-1, 0] - seg[0, 0] == pytest.approx(x1 - x0)  # across the whole x range
+        assert (np.diff(seg[:, 1]) <= 1e-9).all()  # AR never falls with more proposals
+        assert seg[0, 1] > seg[-1, 1] + 20  # and rises
+        # y is AR: the plot's last point is AR@1000 on the 0..1 axis.
+        ar = report["runs"][i]["segm"]["metrics"]["AR@1000"]
+        assert seg[-1, 1] == pytest.approx(y1 - ar * (y1 - y0), abs=0.01)
+        ends.append(seg[-1, 1])
+    assert ends[0] < ends[1]  # the better run (all proposals vs top 5) ends higher
+    names = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    assert "full" in names and "top5" in names  # the legend
 
 
 def test_report_files_json_and_table(tmp_path):
@@ -85,7 +81,7 @@ def test_report_files_json_and_table(tmp_path):
     report = build_report(runs, {"name": "hard", "images": 16})
     written = write_report(report, str(tmp_path / "rep"))
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == sorted(
-        ["eval.json", "table.md", "ar_vs_proposals.png", "recall_vs_iou.png"])
+        ["eval.json", "table.md", "ar_vs_proposals.svg", "recall_vs_iou.svg"])
     doc = json.loads((tmp_path / "rep" / "eval.json").read_text())
     assert written["eval.json"] == str(tmp_path / "rep" / "eval.json")
     assert [r["name"] for r in doc["runs"]] == ["full", "top5"]
@@ -100,8 +96,9 @@ def test_report_files_json_and_table(tmp_path):
     iou = full["segm"]["curves"]["recall_vs_iou"]
     assert iou["iou"][0] == 0.5 and iou["iou"][-1] == 1.0 and len(iou["@1000"]) == 21
     assert iou["@1000"][0] == full["segm"]["metrics"]["R@0.5@1000"]
-    for png in ("ar_vs_proposals.png", "recall_vs_iou.png"):
-        assert Image.open(tmp_path / "rep" / png).size[0] > 500
+    for svg in ("ar_vs_proposals.svg", "recall_vs_iou.svg"):
+        root = ET.fromstring((tmp_path / "rep" / svg).read_bytes())
+        assert len(list(root.iter("{http://www.w3.org/2000/svg}polyline"))) >= 4
     table = (tmp_path / "rep" / "table.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| full |")]
     assert len(rows) == 3  # the main table's row, then segm and bbox details
@@ -150,7 +147,7 @@ def test_cli_compares_two_runs_on_s3(ray_cluster, s3_bucket, tmp_path, capsys):
         expect = summarize(count_images(gt, props, ids_t, t))["metrics"]
         assert a[t]["metrics"] == expect
         assert b[t]["metrics"]["AR@1000"] < a[t]["metrics"]["AR@1000"]
-    for name in ("table.md", "ar_vs_proposals.png", "recall_vs_iou.png"):
+    for name in ("table.md", "ar_vs_proposals.svg", "recall_vs_iou.svg"):
         assert storage.exists(f"s3://{bucket}/runA/eval/{name}", options)
 
 

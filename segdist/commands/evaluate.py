@@ -1,4 +1,5 @@
-"""``segdist evaluate --proposals A [B ...] --dataset D``: exact sharded AR, report and plots."""
+"""``segdist evaluate --proposals A [B ...] --dataset D``: exact AR (in-process or sharded on Ray),
+report and plots."""
 
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Ray cluster to join (e.g. auto or ray://head:10001); default: "
                              "RAY_ADDRESS if set, else a local Ray on this machine")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of the local Ray (default: all); ignored with --address")
+                        help="CPUs of the local Ray (default: all); 1 evaluates in this process "
+                             "without Ray (as small runs always are, see docs/evaluation.md)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -79,26 +81,19 @@ def load_ground_truth(dataset: str, images: str | None, limit: int | None,
 
 def _load(dataset: str, images: str | None,
           storage_options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    import yaml
-
-    from segdist.config import DatasetConfig, validate
     from segdist.data import load_dataset
     from segdist.errors import ConfigError
-    from segdist.storage import read_bytes
 
     if dataset.endswith((".yaml", ".yml")):
-        try:
-            raw = yaml.safe_load(read_bytes(dataset).decode("utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config {dataset} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config {dataset} must be a YAML mapping")
-        section = dict(raw.get("dataset", raw))
+        from segdist.config import load_config
+
+        cfg = load_config(_dataset_file_model(), dataset).dataset
+        update: dict[str, Any] = {}
         if images:
-            section["images"] = images
-        if storage_options and not section.get("storage_options"):
-            section["storage_options"] = storage_options
-        cfg = validate(DatasetConfig, section, dataset)
+            update["images"] = images
+        if storage_options and not cfg.storage_options:
+            update["storage_options"] = storage_options
+        cfg = cfg.model_copy(update=update) if update else cfg
         if cfg.format == "images":
             raise ConfigError(f"{dataset}: dataset.format 'images' has no annotations, so there "
                               "is no ground truth to evaluate against; " + _NO_GT_HINT)
@@ -119,11 +114,12 @@ def refuse_runs_without_ground_truth(uris: list[str], storage_options: dict[str,
     """Raise ConfigError when a proposals location is a run over an image collection without
     annotations (its manifest says ``dataset.format: images``): no ground truth has its ids."""
     from segdist.errors import ConfigError, StorageError
-    from segdist.storage import join, read_bytes
+    from segdist.proposals.layout import manifest_uri
+    from segdist.storage import read_bytes
 
     for uri in uris:
         try:
-            doc = json.loads(read_bytes(join(uri, "manifest.json"), storage_options))
+            doc = json.loads(read_bytes(manifest_uri(uri), storage_options))
         except (StorageError, ValueError, OSError):
             continue  # not a job output (a chunk folder, a single file): nothing to tell
         dataset = doc.get("dataset") if isinstance(doc, dict) else None
@@ -133,11 +129,30 @@ def refuse_runs_without_ground_truth(uris: list[str], storage_options: dict[str,
                               "there is no ground truth to evaluate against; " + _NO_GT_HINT)
 
 
+def _dataset_file_model():
+    """The config file ``--dataset`` names, as ``segdist.config.load_config`` validates it: a run
+    config's ``dataset:`` section (its other sections belong to other commands and are not checked
+    here), or a bare dataset section."""
+    from pydantic import BaseModel, ConfigDict, model_validator
+
+    from segdist.config import DatasetConfig
+
+    class DatasetFile(BaseModel):
+        model_config = ConfigDict(extra="ignore", frozen=True)
+        dataset: DatasetConfig
+
+        @model_validator(mode="before")
+        @classmethod
+        def _bare_section(cls, raw: Any) -> Any:
+            return raw if not isinstance(raw, dict) or "dataset" in raw else {"dataset": raw}
+
+    return DatasetFile
+
+
 def run(args: argparse.Namespace) -> int:
     from segdist.errors import ConfigError
     from segdist.evaluation.report import build_report, default_out, markdown_table, write_report
     from segdist.evaluation.sharded import evaluate_proposals
-    from segdist.ray_connect import connect_ray
     from segdist.storage import check_writable
 
     if args.names and len(args.names) != len(args.proposals):
@@ -153,19 +168,15 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out, options)  # fail before the work, not after it
 
     coco_gt, info, image_ids = load_ground_truth(args.dataset, args.images, args.limit, options)
-    import ray
-
-    started = connect_ray(args.address, args.num_cpus, num_gpus=0)
-    try:
-        runs = [evaluate_proposals(uri, coco_gt, image_ids=image_ids, iou_types=args.iou_types,
-                                   max_dets=args.max_dets,
-                                   storage_options=options, progress=not args.no_progress)
-                for uri in args.proposals]
-    finally:
-        if started:
-            ray.shutdown()
+    # Each run decides where it is evaluated: in this process when small (or --num-cpus 1), else
+    # on Ray (an embedded local cluster unless --address / RAY_ADDRESS names one).
+    runs = [evaluate_proposals(uri, coco_gt, image_ids=image_ids, iou_types=args.iou_types,
+                               max_dets=args.max_dets, storage_options=options,
+                               address=args.address, num_cpus=args.num_cpus,
+                               progress=not args.no_progress)
+            for uri in args.proposals]
     report = build_report(runs, info, args.names)
     written = write_report(report, out, options)
     print(markdown_table(report), end="")
-    print(f"report: {written['eval.json']} (+ table.md, ar_vs_proposals.png, recall_vs_iou.png)")
+    print(f"report: {written['eval.json']} (+ table.md, ar_vs_proposals.svg, recall_vs_iou.svg)")
     return 0

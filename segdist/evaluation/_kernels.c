@@ -351,7 +351,46 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(add_hits_doc,
+"add_hits(match, countable, hits, n_areas, max_dets, area)\n\n"
+"Adds true positives to hits[:, area, :D]. match: int64[T * D] from greedy_match; countable:\n"
+"uint8[G], 1 where a match counts (GT not ignored, GT id not 0); hits: writable int64[T * A * M].");
+
+static PyObject *add_hits(PyObject *self, PyObject *args) {
+    Py_buffer mb = {0}, cb = {0}, hb = {0};
+    Py_ssize_t A, M, area;
+    if (!PyArg_ParseTuple(args, "y*y*w*nnn", &mb, &cb, &hb, &A, &M, &area)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t G = cb.len, n = mb.len / (Py_ssize_t)sizeof(int64_t);
+    Py_ssize_t T = (A > 0 && M > 0) ? hb.len / (Py_ssize_t)sizeof(int64_t) / (A * M) : 0;
+    if (A < 1 || M < 1 || area < 0 || area >= A || hb.len != T * A * M * (Py_ssize_t)sizeof(int64_t)
+        || T < 1 || n % T || n / T > M) {
+        PyErr_SetString(PyExc_ValueError, "add_hits: inconsistent shapes");
+        goto done;
+    }
+    Py_ssize_t D = n / T;
+    const int64_t *m = (const int64_t *)mb.buf;
+    const uint8_t *ok = (const uint8_t *)cb.buf;
+    int64_t *h = (int64_t *)hb.buf;
+    for (Py_ssize_t t = 0; t < T; t++) {
+        int64_t *row = h + (t * A + area) * M;
+        for (Py_ssize_t d = 0; d < D; d++) {
+            int64_t g = m[t * D + d];
+            if (g >= G) { PyErr_SetString(PyExc_ValueError, "add_hits: GT index out of range"); goto done; }
+            if (g >= 0 && ok[g]) row[d] += 1;
+        }
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    PyBuffer_Release(&mb);
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&hb);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"add_hits", add_hits, METH_VARARGS, add_hits_doc},
     {"segm_ious", segm_ious, METH_VARARGS, segm_ious_doc},
     {"box_ious", box_ious, METH_VARARGS, box_ious_doc},
     {"greedy_match", greedy_match, METH_VARARGS, greedy_match_doc},
@@ -361,6 +400,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels",
     "segdist's exact evaluation kernels (see segdist/evaluation/kernels.py).", -1, methods,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -98,3 +98,20 @@ def greedy_match(ious: np.ndarray, ignore: np.ndarray, crowd: np.ndarray,
     _kernels.greedy_match(ious, n_gt, np.ascontiguousarray(ignore, dtype=np.uint8),
                           np.ascontiguousarray(crowd, dtype=np.uint8), eff, out)
     return out
+
+
+def add_hits(hits: np.ndarray, area: int, match: np.ndarray, countable: np.ndarray) -> None:
+    """``hits[:, area, :D] += countable[match]`` where ``match >= 0`` (in place).
+
+    Args:
+        hits: int64[T, A, M], C-contiguous (``RecallCounts.hits``).
+        area: index into A.
+        match: int64[T, D] (D <= M) from :func:`greedy_match`.
+        countable: bool[G] a match to this GT is a true positive: not ignored in this area range
+            and annotation id not 0 (COCOeval reads the matched id as a boolean).
+    """
+    if not hits.flags.c_contiguous or hits.dtype != np.int64 or hits.ndim != 3:
+        raise ValueError("hits must be a C-contiguous int64[T, A, M] array")
+    _kernels.add_hits(np.ascontiguousarray(match, dtype=np.int64),
+                      np.ascontiguousarray(countable, dtype=np.uint8), hits, hits.shape[1],
+                      hits.shape[2], int(area))

@@ -55,7 +55,7 @@ def summarize(counts: RecallCounts) -> dict[str, Any]:
             metrics[f"R@{iou}@{m}"] = _defined(float(rec[t, 0, m - 1]))
 
     proposals = list(range(1, counts.max_dets + 1))
-    ar_curve = {area: [_defined(counts.average_recall(m, area, rec)) for m in proposals]
+    ar_curve = {area: [_defined(v) for v in counts.average_recall_curve(area, rec).tolist()]
                 for area in AREA_LABELS}
     order = np.argsort(counts.thresholds, kind="stable")
     iou_curve: dict[str, Any] = {"iou": [float(v) for v in counts.thresholds[order]]}

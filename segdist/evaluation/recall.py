@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from segdist.errors import SegdistError
 from segdist.evaluation.groundtruth import ImageGT
-from segdist.evaluation.kernels import box_ious, greedy_match, segm_ious
+from segdist.evaluation.kernels import add_hits, box_ious, greedy_match, segm_ious
 from segdist.evaluation.protocol import ALL_IOUS, AREA_LABELS, AREA_RANGES, STANDARD_IOUS
 from segdist.proposals.types import ImageProposals
 
@@ -99,6 +99,20 @@ class RecallCounts:
         return float(np.mean(s[s > -1]))
 
 
+    def average_recall_curve(self, area: str = "all",
+                             recall: np.ndarray | None = None) -> np.ndarray:
+        """float64[max_dets]: :meth:`average_recall` at every proposal count 1..max_dets at once.
+
+        Bit-identical to calling it per count: a row of the contiguous [max_dets, 10] array is
+        reduced with the same pairwise summation as COCOeval's 1-D ``np.mean`` (a test checks).
+        """
+        rec = self.recall() if recall is None else recall
+        a = self.area_labels.index(area)
+        if self.n_gt[a] == 0:  # recall is -1 throughout: COCOeval reports -1
+            return np.full(self.max_dets, -1.0)
+        return np.ascontiguousarray(rec[:len(STANDARD_IOUS), a, :].T).mean(axis=1)
+
+
 def _image_ious(gt: ImageGT, props: ImageProposals, order: np.ndarray, iou_type: str) -> np.ndarray:
     """float64[D, G] IoU of the kept detections (in ``order``) with the GTs, as COCOeval.computeIoU."""
     if iou_type == "bbox":
@@ -140,16 +154,13 @@ def count_image(counts: RecallCounts, gt: ImageGT, props: ImageProposals | None)
     if n_gt == 0:
         return  # nothing to match; unmatched detections never change recall
     ious = _image_ious(gt, props, order, counts.iou_type)
-    seen: dict[bytes, np.ndarray] = {}
+    matches: dict[bytes, np.ndarray] = {}
     for a, ign in enumerate(ignores):
         key = ign.tobytes()
-        if key not in seen:  # area ranges with the same ignore flags match identically
-            match = greedy_match(ious, ign, gt.crowd, counts.thresholds)
-            hit = match >= 0
-            g = np.where(hit, match, 0)
-            # COCOeval counts dtMatches (the GT id) as a boolean: a match to id 0 is no hit.
-            seen[key] = hit & ~ign[g] & (gt.ids[g] != 0)
-        counts.hits[:, a, :len(order)] += seen[key]
+        if key not in matches:  # area ranges with the same ignore flags match identically
+            matches[key] = greedy_match(ious, ign, gt.crowd, counts.thresholds)
+        # COCOeval counts dtMatches (the GT id) as a boolean: a match to id 0 is no hit.
+        add_hits(counts.hits, a, matches[key], ~ign & (gt.ids != 0))
 
 
 def count_images(gt_by_image: Mapping[int, ImageGT], proposals: Mapping[int, ImageProposals],

@@ -5,8 +5,8 @@ Files (every one written atomically through ``segdist.storage``) under the repor
     eval.json             protocol, dataset, and per run: metrics, curves, counts, the run's
                           manifest summary (model, weights sha256, config) when it has one
     table.md              rows = runs; box AR@10/100/1000, segment AR@10/100/1000, AR S/M/L
-    ar_vs_proposals.png   AR vs proposals per image (log x), all runs
-    recall_vs_iou.png     recall vs IoU threshold, all runs
+    ar_vs_proposals.svg   AR vs proposals per image (log x), all runs
+    recall_vs_iou.svg     recall vs IoU threshold, all runs
 
 By default the folder is ``<proposals>/eval`` (for a single proposals file: ``<file>.eval``
 beside it); ``--out`` puts it anywhere.
@@ -22,23 +22,25 @@ from typing import Any
 
 from segdist import __version__, storage
 from segdist.evaluation.metrics import summarize
-from segdist.evaluation.plots import ar_vs_proposals_png, recall_vs_iou_png
+from segdist.evaluation.plots import ar_vs_proposals_svg, recall_vs_iou_svg
 from segdist.evaluation.protocol import (AREA_LABELS, AREA_RANGES, EXTRA_IOUS, MAX_DETS,
                                          STANDARD_IOUS)
 from segdist.evaluation.sharded import EvalRun
+from segdist.proposals import layout
 
-REPORT_FILES = ("eval.json", "table.md", "ar_vs_proposals.png", "recall_vs_iou.png")
+REPORT_FILES = ("eval.json", "table.md", "ar_vs_proposals.svg", "recall_vs_iou.svg")
 #: Manifest fields copied into eval.json (what identifies the run that made the proposals).
 _MANIFEST_KEYS = ("model", "config", "dataset", "complete", "totals", "written")
 
 
 def default_out(proposals_uri: str) -> str:
-    """``<folder>/eval`` for a proposals folder, ``<file>.eval`` beside a single proposals file."""
+    """``<folder>/eval`` for a proposals folder (``layout.EVAL_DIR``), ``<file>.eval`` beside a
+    single proposals file."""
     uri = proposals_uri.rstrip("/")
     base = posixpath.basename(uri)
     if base.endswith((".json", ".json.gz", ".parquet")):
         return uri + ".eval"
-    return storage.join(uri, "eval")
+    return storage.join(uri, layout.EVAL_DIR)
 
 
 def run_names(runs: Sequence[EvalRun]) -> list[str]:
@@ -150,8 +152,8 @@ def write_report(report: Mapping[str, Any], out_uri: str,
     files = {
         "eval.json": (json.dumps(report, indent=1) + "\n").encode("utf-8"),
         "table.md": markdown_table(report).encode("utf-8"),
-        "ar_vs_proposals.png": ar_vs_proposals_png(runs),
-        "recall_vs_iou.png": recall_vs_iou_png(runs),
+        "ar_vs_proposals.svg": ar_vs_proposals_svg(runs),
+        "recall_vs_iou.svg": recall_vs_iou_svg(runs),
     }
     written = {}
     for name in REPORT_FILES:
