@@ -3,19 +3,21 @@
 Not a test (tests never time anything). Each evaluator runs as its own process, so start-up
 (imports, reading the files) is part of every number; the runs are interleaved (evaluator A, B, C,
 then again) and the best of ``--repeats`` wall times is kept, with that run's CPU seconds (user +
-sys of the process and its children: Ray workers included). Run from the repository root::
+sys of the process and the children it waited for; Ray's workers are not among them: a Ray run
+reports its tasks' seconds as ``shard_seconds``). Run from the repository root::
 
     python benchmarks/eval_bench.py --images 100 --height 240 --width 320 --repeats 5 \\
         --workdir /tmp/evalbench                      # the small case: one process each
     python benchmarks/eval_bench.py --images 5000 --repeats 1 --workdir /tmp/evalbench \\
         --evaluators segdist hotcoco                  # COCO val size: segdist shards on Ray
     python benchmarks/eval_bench.py --images 5000 --subset 500 --repeats 1 \\
-        --workdir /tmp/evalbench --evaluators pycocotools   # its first 500 images
+        --workdir /tmp/evalbench --evaluators pycocotools segdist  # AR on its first 500 images
 
 Data (``eval_data``): ``--images`` images with ~7 polygon objects each (1 % crowd) and
 ``--proposals`` RLE proposals per image, written once under ``--workdir`` as the job writes them
 (Parquet chunks of 500 images, what segdist reads) and as one COCO results file per IoU type
-(segments without "bbox", boxes only: what pycocotools and hotcoco read). Every evaluator computes
+(segments without "bbox", boxes only: what pycocotools and hotcoco read; with ``--subset`` files of
+those images only). Every evaluator computes
 AR@10/100/1000 and AR small/medium/large @1000 with useCats=0, maxDets 10/100/1000; the output
 lists them with the largest difference to pycocotools when it ran (else to segdist).
 hotcoco is optional (``pip install hotcoco``); it is skipped when not installed.
@@ -110,6 +112,26 @@ def prepare(workdir: str, n_images: int, n_proposals: int, height: int, width: i
     return folder
 
 
+def subset_results(folder: str, n: int) -> str:
+    """Results files of the first ``n`` images only (pycocotools' loadRes holds every result in
+    memory: ~2 KB each, 11 GB for 5000 x 1000); returns their suffix ``first<n>``."""
+    from segdist.proposals.cocojson import encode_bbox, encode_segm
+    from segdist.proposals.store import open_proposals
+
+    tag = f"first{n}"
+    if os.path.exists(os.path.join(folder, f"results.bbox.{tag}.json")):
+        return tag
+    images = []
+    for shard in open_proposals(os.path.join(folder, "run")).shards():
+        images += shard.read()
+        if len(images) >= n:
+            break
+    for t, encode in (("segm", encode_segm), ("bbox", encode_bbox)):
+        with open(os.path.join(folder, f"results.{t}.{tag}.json"), "wb") as f:
+            f.write(encode(images[:n]))
+    return tag
+
+
 def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str]:
     """(wall s, CPU s of the process tree, stdout) of one command."""
     t0 = time.perf_counter()
@@ -120,14 +142,16 @@ def _timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{err[-2000:]}")
-    # ru_* of wait4 cover the process and the children it waited for (Ray's workers die with it).
+    # ru_* of wait4 cover the process and the children it waited for: not Ray's workers (children
+    # of its raylet); for a Ray run the tasks' own seconds are in the result's shard_seconds.
     return wall, usage.ru_utime + usage.ru_stime, out
 
 
 def run_coco_api(lib: str, folder: str, iou_type: str, ids: list[int] | None) -> dict[str, Any]:
+    suffix = "" if ids is None else "." + subset_results(folder, len(ids))
     wall, cpu, out = _timed([sys.executable, "-c", _COCO_API_SCRIPT, lib,
                              os.path.join(folder, "gt.json"),
-                             os.path.join(folder, f"results.{iou_type}.json"), iou_type,
+                             os.path.join(folder, f"results.{iou_type}{suffix}.json"), iou_type,
                              "all" if ids is None else json.dumps(ids)])
     return {"wall": wall, "cpu": cpu, "stats": json.loads(out.strip().splitlines()[-1])}
 

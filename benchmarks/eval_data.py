@@ -1,7 +1,8 @@
 """Synthetic COCO-like evaluation data for the evaluation benchmark (no pixels are rendered).
 
 Images of ``height x width`` (default 480 x 640; the small case uses 240 x 320) with about 7 objects
-each (polygons, sizes log-uniform from 8 px to 300 px scaled to the image, 1 % crowd regions as RLE),
+each (polygons, sizes log-uniform from 8 px to 300 px scaled to the image, 1 % crowd regions as
+RLE),
 80 categories, and per image ``n_proposals`` proposals rasterised straight to RLE: a third are
 jittered copies of the objects, the rest random polygons, with scores that favour the jittered ones.
 Everything is a pure function of the seed, so every evaluator in a benchmark sees the same data.

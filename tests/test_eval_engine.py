@@ -78,7 +78,8 @@ def test_box_ious_equal_pycocotools_with_degenerate_boxes():
     dt[5:8] = [[10.3, 10.7, 0.1, 1e-7]] * 3  # tiny
     gt = np.round(rng.uniform(0, 50, (7, 4)), 2)
     crowd = np.array([0, 1, 0, 0, 1, 0, 0], np.uint8)
-    np.testing.assert_array_equal(box_ious(dt, gt, crowd), np.asarray(mask_utils.iou(dt, gt, crowd)))
+    np.testing.assert_array_equal(box_ious(dt, gt, crowd),
+                                  np.asarray(mask_utils.iou(dt, gt, crowd)))
     assert box_ious(dt, np.zeros((0, 4)), np.zeros(0, bool)).shape == (40, 0)
 
 

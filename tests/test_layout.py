@@ -46,9 +46,10 @@ records = {}
 for i in range(2):
     chunk = [props[k] for k in ids[4 * i:4 * i + 4]]
     files = layout.write_chunk(out, i, chunk, ["parquet", "coco-json"])
-    rec = state.ChunkRecord(index=i, name=layout.chunk_name(i), image_ids=[p.image_id for p in chunk],
-                            proposals=sum(len(p) for p in chunk),
-                            files={k: {"path": state.relative_to(out, v["uri"])} for k, v in files.items()})
+    rec = state.ChunkRecord(
+        index=i, name=layout.chunk_name(i), image_ids=[p.image_id for p in chunk],
+        proposals=sum(len(p) for p in chunk),
+        files={k: {"path": state.relative_to(out, v["uri"])} for k, v in files.items()})
     storage.atomic_write(state.chunk_record_uri(out, i), rec.to_json())  # as the worker does
     records[i] = rec
 job_manifest.write_manifest(out, job_manifest.build_manifest(

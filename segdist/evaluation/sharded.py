@@ -78,7 +78,7 @@ class EvalRun:
 
 @dataclass(frozen=True)
 class _Piece:
-    """Images the driver already read, handed to a task as a shard (same ``read`` as the store's)."""
+    """Images the driver already read, handed to a task as a shard (``read`` as the store's)."""
 
     name: str
     proposals: list[ImageProposals]
@@ -264,7 +264,7 @@ def _model_name(manifest: Mapping[str, Any] | None, results: list[ShardResult]) 
 
 
 def _gather(ray, pending: list, progress: bool, label: str) -> list[ShardResult]:
-    """Wait for every task, failing fast (and cancelling the rest) on proposals of unknown images."""
+    """Wait for every task; fail fast (cancelling the rest) on proposals of unknown images."""
     from tqdm import tqdm
 
     results = []

@@ -566,6 +566,7 @@ def open_proposals(uri: str, storage_options: Mapping[str, Any] | None = None, *
             return CocoResultsStore(uri, "original", [(props[s], None) for s in sorted(props)],
                                     storage_options, manifest_model, manifest)
     raise SegdistError(
-        f"no proposals found at {uri}: expected {layout.PARQUET_DIR}/{layout.CHUNK_PREFIX}*.parquet, "
+        f"no proposals found at {uri}: expected "
+        f"{layout.PARQUET_DIR}/{layout.CHUNK_PREFIX}*.parquet, "
         f"{layout.COCO_DIR}/{layout.CHUNK_PREFIX}*.segm.json[.gz], props-<start>-<end>.json or a "
         "COCO results .json file")
