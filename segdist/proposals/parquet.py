@@ -200,11 +200,12 @@ def from_table(table: pa.Table, entries: Sequence[dict[str, Any]]) -> list[Image
     scores = _numpy(table.column("score"))
     # The list's child values sliced by hand, and the strings viewed (not cast) as binary:
     # combine_chunks/flatten/cast import pyarrow.compute (~0.05 s) on first use.
-    boxes = np.concatenate(
-        [_numpy(c.values)[4 * c.offset:4 * (c.offset + len(c))] for c in table.column("bbox").chunks]
-        + [np.zeros(0, np.float32)]).reshape(-1, 4)
+    boxes = np.concatenate([_numpy(c.values)[4 * c.offset:4 * (c.offset + len(c))]
+                            for c in table.column("bbox").chunks]
+                           + [np.zeros(0, np.float32)]).reshape(-1, 4)
     # Readers that do not need masks leave the (largest) counts column out.
-    counts_col = ([b for c in table.column("counts").chunks for b in c.view(pa.binary()).to_pylist()]
+    counts_col = ([b for c in table.column("counts").chunks
+                   for b in c.view(pa.binary()).to_pylist()]
                   if "counts" in table.column_names else None)
     labels_col = table.column("label")
     starts = np.searchsorted(ids, [e["id"] for e in entries], side="left")
