@@ -70,10 +70,11 @@ def _dataset(args):
 def _run_dataset_format(proposals: str, options) -> str | None:
     """``dataset.format`` in the manifest of a job output, None when there is none."""
     from segdist.errors import StorageError
-    from segdist.storage import join, read_bytes
+    from segdist.proposals.layout import manifest_uri
+    from segdist.storage import read_bytes
 
     try:
-        doc = json.loads(read_bytes(join(proposals, "manifest.json"), options))
+        doc = json.loads(read_bytes(manifest_uri(proposals), options))
     except (StorageError, ValueError, OSError):
         return None
     dataset = doc.get("dataset") if isinstance(doc, dict) else None
