@@ -12,23 +12,21 @@ manifest.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo,
+                      field_serializer, field_validator, model_validator)
+from pydantic_core import PydanticCustomError
 
 from segdist.errors import ConfigError
 from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.storage import read_bytes, redact
 
 T = TypeVar("T", bound=BaseModel)
-
-MODEL_NAMES = (
-    "deepmask", "deepmask-zoom", "deepmask-zoom2",
-    "sharpmask", "sharpmask-zoom", "sharpmask-zoom2",
-    "maskrcnn", "maskrcnn-v2", "maskrcnn-rpn",
-)
 
 
 class _Strict(BaseModel):
@@ -93,37 +91,183 @@ class DatasetConfig(_Strict):
         return self
 
 
-class ScalesConfig(_Strict):
-    """Scale pyramid 2^min .. 2^max in steps of 2^step (log2 units)."""
+# -- the model section ---------------------------------------------------------------------------
+# Which fields a family has lives with the family (segdist.proposers); here are the fields every
+# family shares, the weights reference they all parse, and the dispatch from model.name to the
+# family's config class (through the registry, so a registered proposer validates like a built-in).
 
-    min: float = -2.5
-    max: float = 1.0
-    step: float = Field(default=0.5, gt=0)
+EXECUTION_ONLY = {"execution_only": True}
+"""``json_schema_extra`` of a field that changes how a run executes but not the bytes it writes:
+a resumed run may change it (move from a CPU laptop to a GPU cluster, change its batch size)."""
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.max < self.min:
-            raise ValueError(f"model.scales.max ({self.max}) must be >= model.scales.min ({self.min})")
-        return self
+
+def execution_only_fields(model: type[BaseModel] | BaseModel) -> frozenset[str]:
+    """Names of the fields of a config class (or instance) declared with :data:`EXECUTION_ONLY`."""
+    cls = model if isinstance(model, type) else type(model)
+    return frozenset(name for name, f in cls.model_fields.items()
+                     if isinstance(f.json_schema_extra, dict)
+                     and f.json_schema_extra.get("execution_only"))
+
+
+WEIGHT_KINDS = ("random", "torchvision", "checkpoint", "t7", "state-dict")
+_FILE_KINDS = ("checkpoint", "t7", "state-dict")
+
+
+@dataclass(frozen=True)
+class WeightsRef:
+    """Which weights a model loads, parsed once from ``model.weights`` at validation.
+
+    kind: "random" (seeded random init, no file), "torchvision" (a torchvision weights enum member,
+    ``uri`` is its name, e.g. DEFAULT), "checkpoint" (a segdist safetensors checkpoint), "t7" (an
+    original Torch7 model.t7, converted on load) or "state-dict" (a plain state-dict file:
+    safetensors or torch.save, loaded with weights_only=True). uri: the file's URI (any fsspec URI)
+    or the enum member's name; None for random. explicit: it was written with its ``kind:`` prefix
+    (kept when the reference is written back, so a config round-trips).
+    """
+
+    kind: str
+    uri: str | None = None
+    explicit: bool = False
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind in _FILE_KINDS
+
+    def with_uri(self, uri: str) -> "WeightsRef":
+        return WeightsRef(self.kind, uri, self.explicit)
+
+    def text(self) -> str | None:
+        """As written in a config (None for random): what run records and manifests show."""
+        if self.kind == "random":
+            return None
+        return f"{self.kind}:{self.uri}" if self.explicit else self.uri
+
+    def __str__(self) -> str:
+        return self.text() or "random"
+
+
+RANDOM_WEIGHTS = WeightsRef("random")
+
+_KIND_FORMS = {
+    "random": "leave it unset (or write 'random') for seeded random weights",
+    "torchvision": "a torchvision weights enum member as its upper-case name (DEFAULT) or "
+                   "torchvision:NAME",
+    "checkpoint": "a segdist checkpoint as checkpoint:URI",
+    "t7": "an original model.t7 as a URI ending in .t7 or t7:URI",
+    "state-dict": "a plain state-dict file as state-dict:URI",
+}
+
+
+def weights_forms(kinds: tuple[str, ...] = WEIGHT_KINDS, file_kind: str | None = None) -> str:
+    """How to write each of ``kinds`` in ``model.weights`` (``file_kind``: what a bare path or
+    URI means for the family, if it loads files)."""
+    forms = "; ".join(_KIND_FORMS[k] for k in kinds)
+    if file_kind in kinds and file_kind != "t7":
+        forms += f"; a bare path or URI (with a '/' or a '.') is a {file_kind}"
+    return forms
+
+
+def parse_weights(text: str | None, *, file_kind: str) -> WeightsRef:
+    """The :class:`WeightsRef` a ``model.weights`` string names (ValueError says how to write it).
+
+    ``file_kind``: what a bare path or URI is for the model's family ("checkpoint" for DeepMask/
+    SharpMask, "state-dict" for Mask R-CNN); a bare URI ending in ``.t7`` is always "t7".
+    """
+    if text is None or text == "random":
+        return RANDOM_WEIGHTS
+    head, sep, rest = text.partition(":")
+    if sep and head in WEIGHT_KINDS and head != "random":
+        if not rest:
+            raise ValueError(f"{text!r} names no {head} after the prefix {head}:")
+        return WeightsRef(head, rest, explicit=True)
+    if text.isidentifier() and text.upper() == text:
+        return WeightsRef("torchvision", text)
+    if "/" in text or "." in text:
+        return WeightsRef("t7" if text.lower().endswith(".t7") else file_kind, text)
+    raise ValueError(f"{text!r} is ambiguous (a file name without a folder, or an enum name?); "
+                     f"model.weights takes: {weights_forms(file_kind=file_kind)}")
 
 
 class ModelConfig(_Strict):
-    """Which proposal model runs, with which weights, on which device and precision."""
+    """The model section's fields every proposer family shares.
 
-    name: Literal[MODEL_NAMES] = "sharpmask-zoom"  # type: ignore[valid-type]
-    weights: str | None = None  # URI of a segdist checkpoint / torchvision file; "DEFAULT" = enum
-    trunk: Literal["resnet50", "resnet34", "resnet18"] | None = None  # None: from checkpoint/preset
+    A family (``segdist.proposers``) subclasses it with its own fields and narrows ``name`` to its
+    presets; a ``model:`` section validates into the class of its ``name``'s family (see
+    :func:`model_config`), so a field of another family is refused naming the field and the family.
+    Class variables: FAMILY (shown in errors), WEIGHT_KINDS (the weights kinds it loads),
+    FILE_WEIGHTS (the kind a bare path or URI in ``weights`` means).
+    """
+
+    FAMILY: ClassVar[str] = "custom"
+    WEIGHT_KINDS: ClassVar[tuple[str, ...]] = WEIGHT_KINDS
+    FILE_WEIGHTS: ClassVar[str] = "state-dict"
+
+    name: str = "sharpmask-zoom"
+    weights: WeightsRef = RANDOM_WEIGHTS
     proposals: int = Field(default=1000, ge=1)
-    scales: ScalesConfig | None = None  # None: the preset's pyramid
-    nms: float | None = Field(default=None, gt=0, le=1)
-    threshold: float = Field(default=0.2, gt=0, lt=1)  # mask binarisation probability
-    max_image_side: int | None = Field(default=None, ge=32)
-    batch_size: int = Field(default=4, ge=1)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
-    memory_budget_mb: int = Field(default=1024, ge=16)
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", json_schema_extra=EXECUTION_ONLY)
+    batch_size: int = Field(default=4, ge=1, json_schema_extra=EXECUTION_ONLY)
+    memory_budget_mb: int = Field(default=1024, ge=16, json_schema_extra=EXECUTION_ONLY)
     storage_options: dict[str, Any] = Field(default_factory=dict)  # for a weights file's URI
+
+    @field_validator("weights", mode="plain")
+    @classmethod
+    def _parse_weights(cls, v: Any, info: ValidationInfo) -> WeightsRef:
+        ref = v if isinstance(v, WeightsRef) else None
+        if ref is None:
+            if v is not None and not isinstance(v, str):
+                raise ValueError(f"must be a string or null (got {type(v).__name__})")
+            ref = parse_weights(v, file_kind=cls.FILE_WEIGHTS)
+        if ref.kind not in cls.WEIGHT_KINDS:
+            raise ValueError(f"{ref.kind} weights do not fit the {cls.FAMILY} family (model.name "
+                             f"{info.data.get('name')!r}), which takes: "
+                             f"{weights_forms(cls.WEIGHT_KINDS, cls.FILE_WEIGHTS)}")
+        return ref
+
+    @field_serializer("weights")
+    def _weights_text(self, ref: WeightsRef) -> str | None:
+        return ref.text()
+
+
+def _family_error(field: str, value: Any, family: str, name: Any, fields: list[str]) -> dict:
+    return {"type": PydanticCustomError(
+        "family_field", "not a setting of the {family} family (model.name {name}); its settings: "
+        "{fields}", {"family": family, "name": repr(name), "fields": ", ".join(fields)}),
+        "loc": (field,), "input": value}
+
+
+def _model_section(v: Any) -> Any:
+    """A model section (a mapping) validated into its family's config class, found through the
+    registry ``segdist.proposers.PROPOSERS`` from ``name``."""
+    if isinstance(v, ModelConfig) or not isinstance(v, Mapping):
+        return v  # an instance is already validated; anything else fails ModelConfig's validation
+    from segdist.proposers import PROPOSERS, config_class  # registered proposers validate too
+
+    name = v.get("name", ModelConfig.model_fields["name"].default)
+    if name not in PROPOSERS:
+        names = ", ".join(repr(n) for n in PROPOSERS)
+        raise ValidationError.from_exception_data("ModelConfig", [{
+            "type": PydanticCustomError("unknown_proposer", "must be one of {names}", {"names": names}),
+            "loc": ("name",), "input": name}])
+    cls = config_class(name)
+    unknown = [k for k in v if k not in cls.model_fields]
+    if unknown:
+        raise ValidationError.from_exception_data("ModelConfig", [
+            _family_error(k, v[k], cls.FAMILY, name, list(cls.model_fields)) for k in unknown])
+    return cls.model_validate(v)
+
+
+class _ModelSection(_Strict):
+    model: SerializeAsAny[ModelConfig]
+
+    _family = field_validator("model", mode="before")(_model_section)
+
+
+def model_config(**fields: Any) -> ModelConfig:
+    """A model section from keyword fields, validated into its family's config class; ConfigError
+    naming the field (``model.x``), the bad value and what is allowed."""
+    return validate(_ModelSection, {"model": fields}, "model settings").model
 
 
 OUTPUT_URI_PLACEHOLDER = "SET-ME"
@@ -169,12 +313,16 @@ class ResourcesConfig(_Strict):
 
 
 class JobConfig(_Strict):
-    """``segdist generate`` config: dataset in, proposals out."""
+    """``segdist generate`` config: dataset in, proposals out (``model`` is the model section
+    validated into its family's config class)."""
 
     dataset: DatasetConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    # SerializeAsAny: dumps write the family's fields, not only ModelConfig's.
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=lambda: _model_section({}))
     output: OutputConfig
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    _family = field_validator("model", mode="before")(_model_section)
 
 
 def _set_path(d: dict, dotted: str, value: Any) -> None:
@@ -211,6 +359,8 @@ def _format_error(exc: ValidationError, source: str) -> str:
             msg = f"must be one of {allowed}"
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see configs/ for examples)"
+        if err["type"] == "value_error":
+            msg = str(err.get("ctx", {}).get("error", msg))
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}")

@@ -11,6 +11,13 @@ import socket
 
 import pytest
 
+# Ray workers and CLI subprocesses started by the tests import the tests' helper modules (a toy
+# proposer, a fault-injecting one), as a user's workers import the package that holds their own
+# proposer: tests/ goes on the path every process of the session inherits.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [_TESTS])
+
 
 def free_port() -> int:
     with socket.socket() as s:

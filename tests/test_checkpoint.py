@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from segdist.config import ModelConfig
+from segdist.config import model_config
 from segdist.errors import ConfigError, StorageError
 from segdist.models.checkpoint import load_model, save_checkpoint
 from segdist.models.deepmask import DeepMask, DeepMaskConfig
-from segdist.models.generator import build_generator
 from segdist.models.sharpmask import SharpMask
+from segdist.proposers import build_proposer
 from segdist.storage import atomic_write, read_bytes
 
 
@@ -58,24 +58,25 @@ def test_sharpmask_round_trip_on_s3(s3_bucket):
     x = torch.randn(2, 3, 192, 192)
     with torch.no_grad():
         assert torch.equal(model(x)[0], loaded(x)[0])
-    # the generator reports the checkpoint's sha256 with the proposals it makes
-    gen = build_generator(ModelConfig(name="sharpmask", weights=uri, storage_options=opts,
+    # the proposer reports the checkpoint's sha256 with the proposals it makes
+    gen = build_proposer(model_config(name="sharpmask", weights=uri, storage_options=opts,
                                       proposals=5, device="cpu"))
     assert gen.weights_sha256 == digest
     img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
     assert len(gen([img], [3])[0]) == 5
 
 
-def test_generator_checks_kind_and_trunk(tmp_path):
+def test_proposer_checks_kind_and_trunk(tmp_path):
     dm_uri = str(tmp_path / "dm.safetensors")
     save_checkpoint(_deepmask(), dm_uri)
     with pytest.raises(ConfigError, match="needs a sharpmask checkpoint"):
-        build_generator(ModelConfig(name="sharpmask", weights=dm_uri, device="cpu"))
+        build_proposer(model_config(name="sharpmask", weights=dm_uri, device="cpu"))
     with pytest.raises(ConfigError, match="resnet18 trunk"):
-        build_generator(ModelConfig(name="deepmask", weights=dm_uri, trunk="resnet50", device="cpu"))
-    with pytest.raises(ConfigError, match="no downloadable weights"):
-        build_generator(ModelConfig(name="deepmask", weights="DEFAULT", device="cpu"))
-    gen = build_generator(ModelConfig(name="deepmask-zoom", weights=dm_uri, device="cpu"))
+        build_proposer(model_config(name="deepmask", weights=dm_uri, trunk="resnet50", device="cpu"))
+    # a torchvision enum is refused when the config is validated, before anything loads
+    with pytest.raises(ConfigError, match="torchvision weights do not fit the DeepMask/SharpMask"):
+        model_config(name="deepmask", weights="DEFAULT", device="cpu")
+    gen = build_proposer(model_config(name="deepmask-zoom", weights=dm_uri, device="cpu"))
     assert gen.weights_sha256 == hashlib.sha256(read_bytes(dm_uri)).hexdigest()
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segdist.config import JobConfig, load_config, public_dict
+from segdist.config import JobConfig, WeightsRef, execution_only_fields, load_config, public_dict
 from segdist.errors import ConfigError, StorageError
 from segdist.job import preflight, state
 from segdist.job.manifest import build_manifest
@@ -46,14 +46,16 @@ def test_generate_config_says_what_to_fill_in(path):
                                   if stem.endswith(m))
     assert cfg.model.proposals == 1000 and cfg.output.chunk_size == 500
     if cfg.model.name == "maskrcnn":
-        assert cfg.model.weights == "DEFAULT"
+        assert cfg.model.weights == WeightsRef("torchvision", "DEFAULT")
         preflight.check_weights(cfg.model)
     else:
         # DeepMask/SharpMask load the original's published model.t7 (converted on load); weights
         # that cannot be found stop the job before any worker starts.
         kind = cfg.model.name.split("-")[0]
-        assert cfg.model.weights == f"https://dl.fbaipublicfiles.com/deepmask/models/{kind}/model.t7"
-        missing = cfg.model.model_copy(update={"weights": str(path.parent / "no-such-model.t7")})
+        url = f"https://dl.fbaipublicfiles.com/deepmask/models/{kind}/model.t7"
+        assert cfg.model.weights == WeightsRef("t7", url)
+        missing = cfg.model.model_copy(
+            update={"weights": WeightsRef("t7", str(path.parent / "no-such-model.t7"))})
         with pytest.raises(StorageError, match="model.weights .* does not exist"):
             preflight.check_weights(missing)
     if folder:
@@ -76,6 +78,76 @@ def test_generate_config_says_what_to_fill_in(path):
 def test_demo_config_runs_as_is():
     cfg = load_config(JobConfig, str(ROOT / "configs" / "demo.yaml"))
     assert cfg.dataset.format == "coco" and "segdist-demo" in cfg.output.uri
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")),
+                         ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_every_shipped_config_validates(path):
+    from segdist.training.config import TrainConfig
+
+    if path.name.startswith("train-"):
+        cfg = load_config(TrainConfig, str(path), ["output.uri=s3://my-bucket/runs/x"])
+        assert cfg.model.arch in ("deepmask", "sharpmask")
+        return
+    cfg = load_config(JobConfig, str(path), [FILL] if "generate" in path.parts else [])
+    # the model section is its family's class, and survives a dump (YAML, run.json, manifest)
+    assert type(cfg.model).__name__ in ("DenseConfig", "MaskRCNNConfig")
+    assert load_config(JobConfig, None, base=cfg.model_dump(mode="json")) == cfg
+
+
+def test_model_section_takes_only_its_familys_fields():
+    path = str(GENERATE[0])
+    for field in ("model.scales.max=1.0", "model.trunk=resnet18", "model.threshold=0.3"):
+        with pytest.raises(ConfigError) as err:
+            load_config(JobConfig, path, [FILL, "model.name=maskrcnn", "model.weights=null", field])
+        name = field.split("=")[0].split(".")[1]
+        assert f"model.{name}: not a setting of the Mask R-CNN family (model.name 'maskrcnn')" \
+            in str(err.value)
+    with pytest.raises(ConfigError, match="model.sizes: not a setting of the DeepMask/SharpMask"):
+        load_config(JobConfig, path, [FILL, "model.sizes=[0.5]"])
+    ok = load_config(JobConfig, path, [FILL, "model.name=sliding-window", "model.weights=null",
+                                       "model.sizes=[0.5]"])
+    assert ok.model.sizes == (0.5,)
+
+
+def test_weights_are_parsed_once_into_a_typed_reference():
+    path = str(GENERATE[0])  # a DeepMask/SharpMask preset
+    cases = {
+        "s3://b/m.safetensors": WeightsRef("checkpoint", "s3://b/m.safetensors"),
+        "./m.safetensors": WeightsRef("checkpoint", "./m.safetensors"),
+        "https://h/model.T7": WeightsRef("t7", "https://h/model.T7"),
+        "t7:s3://b/converted-later": WeightsRef("t7", "s3://b/converted-later", explicit=True),
+        "random": WeightsRef("random"),
+    }
+    for text, ref in cases.items():
+        cfg = load_config(JobConfig, path, [FILL, f"model.weights={text}"])
+        assert cfg.model.weights == ref
+        # written back as it was written (run records and manifests show the user's string)
+        assert cfg.model_dump(mode="json")["model"]["weights"] == (None if text == "random" else text)
+    rcnn = [FILL, "model.name=maskrcnn"]
+    assert load_config(JobConfig, path, rcnn + ["model.weights=COCO_V1"]).model.weights == \
+        WeightsRef("torchvision", "COCO_V1")
+    assert load_config(JobConfig, path, rcnn + ["model.weights=/w/rcnn.pth"]).model.weights == \
+        WeightsRef("state-dict", "/w/rcnn.pth")
+    # a bare word: a file in the working directory, or an enum name? Say how to write each.
+    with pytest.raises(ConfigError) as err:
+        load_config(JobConfig, path, rcnn + ["model.weights=coco"])
+    msg = str(err.value)
+    assert "model.weights: 'coco' is ambiguous" in msg
+    for form in ("torchvision:NAME", "checkpoint:URI", "t7:URI", "state-dict:URI", "unset"):
+        assert form in msg
+    with pytest.raises(ConfigError, match="t7 weights do not fit the Mask R-CNN family"):
+        load_config(JobConfig, path, rcnn + ["model.weights=s3://b/model.t7"])
+
+
+def test_execution_only_fields_are_declared_in_the_schema():
+    from segdist.proposers import PROPOSERS, config_class
+
+    shared = {"device", "batch_size", "memory_budget_mb"}
+    for name in PROPOSERS:
+        fields = execution_only_fields(config_class(name))
+        assert shared <= fields and fields <= shared | {"channels_last"}, name
+    assert execution_only_fields(config_class("deepmask")) == shared | {"channels_last"}
 
 
 def test_errors_name_field_value_and_allowed_values():

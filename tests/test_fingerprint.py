@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from segdist.config import ModelConfig
+from segdist.config import model_config
 from segdist.proposals.types import ImageProposals
+from segdist.proposers import build_proposer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -94,22 +95,20 @@ def digest(proposals: list[ImageProposals], weights_sha256: str | None) -> str:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A segdist checkpoint of a seeded random resnet18 DeepMask (its bytes are deterministic)."""
-    from segdist.models.checkpoint import build_model, save_checkpoint
-    from segdist.models.deepmask import DeepMaskConfig
+    from segdist.models.checkpoint import save_checkpoint
+    from segdist.models.deepmask import deepmask
 
     torch.manual_seed(7)
     uri = str(tmp_path_factory.mktemp("fp") / "dm18.safetensors")
-    save_checkpoint(build_model("deepmask", DeepMaskConfig(arch="resnet18")), uri)
+    save_checkpoint(deepmask(trunk="resnet18"), uri)
     return uri
 
 
 def run_case(settings: dict, checkpoint_uri: str) -> str:
-    from segdist.models.generator import build_generator
-
     settings = {**settings}
     if settings.get("weights") == "CHECKPOINT":
         settings["weights"] = checkpoint_uri
-    gen = build_generator(ModelConfig(**settings))
+    gen = build_proposer(model_config(**settings))
     out = []
     for s in range(0, len(IDS), 2):  # as a worker calls it: batch_size images at a time
         out += gen(images()[s:s + 2], IDS[s:s + 2])

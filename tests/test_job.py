@@ -1,8 +1,8 @@
 """The proposal job on a real local Ray cluster, writing to a real S3-compatible server (moto).
 
-Every test runs the real generator (a tiny random-weight DeepMask: resnet18 trunk, two scales) on
+Every test runs the real proposer (a tiny random-weight DeepMask: resnet18 trunk, two scales) on
 a small synthetic dataset, and checks the output against a single-process run of the same
-generator on the same images, byte for byte.
+proposer on the same images, byte for byte.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def make_data(uri: str, n: int, storage_options: dict | None = None, seed: int =
             "images": f"{uri}/images", "storage_options": dict(storage_options or {})}
 
 
-def job_config(dataset: dict, out: str, out_options: dict | None = None, **resources: Any) -> JobConfig:
+def job_config(dataset: dict, out: str, out_options: dict | None = None, model: dict | None = None,
+               **resources: Any) -> JobConfig:
     return validate(JobConfig, {
-        "dataset": dataset, "model": TINY_MODEL,
+        "dataset": dataset, "model": TINY_MODEL if model is None else model,
         "output": {"uri": out, "chunk_size": CHUNK, "formats": ["coco-json", "parquet"],
                    "storage_options": dict(out_options or {})},
         "resources": {"num_workers": 2, "cpus_per_worker": 1, "decode_threads": 2,
@@ -50,19 +51,19 @@ def job_config(dataset: dict, out: str, out_options: dict | None = None, **resou
 
 
 def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
-    """A single-process run: the same generator, batching and chunking, no Ray; {relpath: bytes}."""
+    """A single-process run: the same proposer, batching and chunking, no Ray; {relpath: bytes}."""
     import torch
 
     from segdist.data import load_dataset
     from segdist.errors import ImageDecodeError
     from segdist.imageio import read_image
     from segdist.job.plan import plan_chunks
-    from segdist.models.generator import build_generator
+    from segdist.proposers import build_proposer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray worker: same kernels, same float results
     try:
-        gen = build_generator(cfg.model)
+        gen = build_proposer(cfg.model)
         ds = load_dataset(cfg.dataset)
         index = []
         for chunk in plan_chunks(ds.images, cfg.output.chunk_size):
@@ -158,7 +159,7 @@ def test_job_to_s3_exactly_once_and_equal_to_single_process(ray_s3, s3_bucket, t
     assert manifest["config"]["output"]["storage_options"]["secret"] == "***"
     assert manifest["timings"]["images_processed_now"] == 14
 
-    # Byte-identical to one process running the same generator on the same images.
+    # Byte-identical to one process running the same proposer on the same images.
     ref = reference_files(cfg, str(tmp_path / "ref"))
     assert read_tree(out, out_opts) == ref
 
@@ -215,20 +216,20 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
 def test_resuming_with_other_weights_behind_the_same_uri_is_refused(ray_s3, tmp_path):
     import torch
 
-    from segdist.models.checkpoint import build_model, save_checkpoint
-    from segdist.models.deepmask import DeepMaskConfig
+    from segdist.models.checkpoint import save_checkpoint
+    from segdist.models.deepmask import deepmask
 
     weights = str(tmp_path / "model.safetensors")
 
     def save(seed: int) -> None:
         torch.manual_seed(seed)
-        save_checkpoint(build_model("deepmask", DeepMaskConfig(arch="resnet18")), weights)
+        save_checkpoint(deepmask(trunk="resnet18"), weights)
 
     save(1)
     data = make_data(str(tmp_path / "data"), 8)
     out = str(tmp_path / "out")
-    cfg = job_config(data, out, num_workers=1)
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"trunk": None, "weights": weights})})
+    model = {k: v for k, v in TINY_MODEL.items() if k != "trunk"}
+    cfg = job_config(data, out, num_workers=1, model={**model, "weights": weights})
     assert run_job(cfg, progress=False).complete
     sha = json.loads(Path(out, "manifest.json").read_text())["model"]["weights_sha256"]
     assert sha and json.loads(Path(out, "_segdist", "run.json").read_text())["weights_sha256"] == sha

@@ -9,11 +9,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from segdist.config import ModelConfig
+from segdist.config import WeightsRef, model_config
 from segdist.errors import ConfigError, StorageError
-from segdist.models.generator import build_generator
-from segdist.models.maskrcnn import MaskRCNNProposer, build_maskrcnn, paste_detector_masks
+from segdist.models.maskrcnn import build_maskrcnn
 from segdist.models.weights import hub_cache_file
+from segdist.proposers import build_proposer
+from segdist.proposers.maskrcnn.proposer import MaskRCNNProposer
+from segdist.proposers.paste import paste_in_boxes
 
 SMALL = dict(min_size=128, max_size=160, rpn_post_nms_top_n_test=200)  # cheap on CPU
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def saved_v1(tmp_path_factory):
     """A v1 state dict saved by the test (random weights, seed 123) and its sha256."""
-    model, _ = build_maskrcnn("v1", None, seed=123)
+    model, _ = build_maskrcnn(version="v1", seed=123)
     path = tmp_path_factory.mktemp("w") / "maskrcnn_v1.pth"
     torch.save(model.state_dict(), path)
     return path, hashlib.sha256(path.read_bytes()).hexdigest(), model.state_dict()
@@ -40,17 +42,19 @@ def test_paste_equals_torchvision_paste_masks_in_image():
     boxes[:3] = torch.tensor([[-30.0, -20.0, 40.0, 50.0], [100.0, 90.0, 200.0, 180.0],
                               [5.2, 7.9, 6.1, 8.3]])  # outside the image, beyond it, sub-pixel
     ref = paste_masks_in_image(probs, boxes, (120, 150))[:, 0] > 0.5
-    ours = paste_detector_masks(probs[:, 0], boxes, 120, 150, 0.5)
+    ours = paste_in_boxes(probs[:, 0], boxes, 120, 150, 0.5)
     assert ref.any()
     assert torch.equal(ours, ref)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_masks_mode_random_weights(version):
-    model, sha = build_maskrcnn(version, None, proposals=12, **SMALL)
+    model, sha = build_maskrcnn(version=version, proposals=12, **SMALL)
     assert sha is None
-    img = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (3, 90, 120), dtype=np.uint8))
-    (p,) = MaskRCNNProposer(model, "masks", proposals=12, memory_budget_mb=16)([img])
+    hwc = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    img = torch.from_numpy(hwc).permute(2, 0, 1)
+    (p,) = MaskRCNNProposer("maskrcnn", model, "masks", proposals=12, memory_budget_mb=16)([hwc], [4])
+    assert p.image_id == 4 and p.model == "maskrcnn"
     assert len(p.scores) == 12 and np.all(np.diff(p.scores) <= 0)
     assert p.labels.dtype == np.int32 and np.all((p.labels >= 1) & (p.labels <= 90))
     rles = [{"size": [90, 120], "counts": c} for c in p.counts]
@@ -70,9 +74,10 @@ def test_masks_mode_random_weights(version):
 
 
 def test_rpn_mode_boxes_and_objectness():
-    model, _ = build_maskrcnn("v1", None, proposals=50, **SMALL)
-    img = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (3, 80, 100), dtype=np.uint8))
-    (p,) = MaskRCNNProposer(model, "rpn", proposals=50)([img])
+    model, _ = build_maskrcnn(version="v1", proposals=50, **SMALL)
+    hwc = np.random.default_rng(1).integers(0, 255, (80, 100, 3), dtype=np.uint8)
+    img = torch.from_numpy(hwc).permute(2, 0, 1)
+    (p,) = MaskRCNNProposer("maskrcnn-rpn", model, "rpn", proposals=50)([hwc], [0])
     assert p.counts is None and p.labels is None
     assert len(p.scores) == 50 and np.all(np.diff(p.scores) <= 0)
     assert np.all((p.scores >= 0) & (p.scores <= 1))
@@ -86,12 +91,12 @@ def test_rpn_mode_boxes_and_objectness():
     assert np.allclose(p.boxes[:, :2], ref[:, :2].numpy(), atol=1e-3)
 
 
-def test_generator_modes():
+def test_proposer_modes():
     img = np.random.default_rng(2).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     cfg = dict(proposals=30, device="cpu", max_image_side=128)  # the model runs at <= 128 px
-    (p,) = build_generator(ModelConfig(name="maskrcnn-rpn", **cfg))([img], [5])
+    (p,) = build_proposer(model_config(name="maskrcnn-rpn", **cfg))([img], [5])
     assert p.model == "maskrcnn-rpn" and not p.has_masks and len(p) == 30 and p.labels is None
-    gen = build_generator(ModelConfig(name="maskrcnn", **cfg))
+    gen = build_proposer(model_config(name="maskrcnn", **cfg))
     assert gen.model.transform.max_size == 128
     (p,) = gen([img], [6])
     assert p.has_masks and len(p) == 30 and len(p.labels) == 30 and (p.height, p.width) == (60, 80)
@@ -99,12 +104,12 @@ def test_generator_modes():
 
 def test_weights_from_local_file(saved_v1):
     path, digest, state = saved_v1
-    model, sha = build_maskrcnn("v1", str(path), **SMALL)
+    model, sha = build_maskrcnn(version="v1", weights=WeightsRef("state-dict", str(path)), **SMALL)
     assert sha == digest
     assert torch.equal(model.state_dict()["roi_heads.box_predictor.cls_score.weight"],
                        state["roi_heads.box_predictor.cls_score.weight"])
     with pytest.raises(ConfigError, match="do not fit"):
-        build_maskrcnn("v2", str(path), **SMALL)
+        build_maskrcnn(version="v2", weights=WeightsRef("state-dict", str(path)), **SMALL)
 
 
 def test_weights_enum_through_torchvision_cache(saved_v1, tmp_path, monkeypatch):
@@ -119,7 +124,7 @@ def test_weights_enum_through_torchvision_cache(saved_v1, tmp_path, monkeypatch)
     cached = hub_cache_file(MaskRCNN_ResNet50_FPN_Weights.DEFAULT.url)
     os.makedirs(os.path.dirname(cached))
     os.symlink(path, cached)
-    model, sha = build_maskrcnn("v1", "DEFAULT", **SMALL)
+    model, sha = build_maskrcnn(version="v1", weights=WeightsRef("torchvision", "DEFAULT"), **SMALL)
     assert sha == digest
     assert torch.equal(model.state_dict()["backbone.body.conv1.weight"], state["backbone.body.conv1.weight"])
 
@@ -129,6 +134,6 @@ def test_weights_enum_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # closed port: fails like no network
     with pytest.raises(StorageError, match="pass it as a file"):
-        build_maskrcnn("v2", "DEFAULT", **SMALL)
+        build_maskrcnn(version="v2", weights=WeightsRef("torchvision", "DEFAULT"), **SMALL)
     with pytest.raises(ConfigError, match="unknown"):
-        build_maskrcnn("v1", "NOT_A_MEMBER", **SMALL)
+        build_maskrcnn(version="v1", weights=WeightsRef("torchvision", "NOT_A_MEMBER"), **SMALL)

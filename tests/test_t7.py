@@ -378,15 +378,15 @@ def test_convert_t7_command_from_and_to_s3(tmp_path, s3_bucket, capsys, windows)
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_generator_loads_the_original_t7_directly(tmp_path):
+def test_proposer_loads_the_original_t7_directly(tmp_path):
     # model.weights may name the released model.t7 itself (e.g. its published URL): it is
     # converted on load and gives the same proposals as the converted checkpoint; the sha256
     # reported with the proposals is the .t7 file's.
     import hashlib
 
-    from segdist.config import ModelConfig, ScalesConfig
+    from segdist.config import model_config
     from segdist.models.checkpoint import save_checkpoint
-    from segdist.models.generator import build_generator
+    from segdist.proposers import build_proposer
 
     tree = deepmask_file("resnet18", C_AFFINE, seed=5)
     t7_path = tmp_path / "model.t7"
@@ -396,9 +396,11 @@ def test_generator_loads_the_original_t7_directly(tmp_path):
     save_checkpoint(conv.model, str(ckpt))
     image = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
     common = dict(name="deepmask", proposals=20, device="cpu",
-                  scales=ScalesConfig(min=-0.5, max=0.0, step=0.5))
-    from_t7 = build_generator(ModelConfig(weights=str(t7_path), **common))
-    from_ckpt = build_generator(ModelConfig(weights=str(ckpt), **common))
+                  scales={"min": -0.5, "max": 0.0, "step": 0.5})
+    t7_cfg = model_config(weights=str(t7_path), **common)
+    assert t7_cfg.weights.kind == "t7"  # parsed once, at validation
+    from_t7 = build_proposer(t7_cfg)
+    from_ckpt = build_proposer(model_config(weights=str(ckpt), **common))
     assert from_t7.weights_sha256 == hashlib.sha256(t7_path.read_bytes()).hexdigest()
     a, b = from_t7([image], [1])[0], from_ckpt([image], [1])[0]
     assert len(a) == 20 and a.equals(b)

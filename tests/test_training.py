@@ -15,7 +15,7 @@ from segdist.models.deepmask import DeepMask, DeepMaskConfig
 from segdist.models.weights import read_state_dict
 from segdist.training.config import TrainConfig
 from segdist.training.patch_eval import evaluate_patches
-from segdist.training.trainer import build_model, fit, make_sampler
+from segdist.training.trainer import fit, initial_model, make_sampler
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,7 +85,7 @@ def test_config_errors_name_the_field(raw, message):
 def test_loss_decreases_and_patch_iou_rises(shapes, tmp_path):
     cfg = _cfg(shapes, tmp_path / "run", optim__steps_per_epoch=15, optim__hfreq=0.2,
                optim__lr_schedule=[[1, 0.01]], data__val=shapes["val"])
-    before = evaluate_patches(build_model(cfg), make_sampler(cfg.data.val, cfg), patches=48,
+    before = evaluate_patches(initial_model(cfg), make_sampler(cfg.data.val, cfg), patches=48,
                               batch_size=48, seed=cfg.eval.seed)
     result = fit(cfg)
     assert result.step == 30
@@ -142,7 +142,7 @@ def test_sharpmask_training_leaves_every_deepmask_tensor_unchanged(shapes, tmp_p
     assert {k[len("deepmask."):] for k in dm_keys} == set(before)  # params and BN buffers
     for k in dm_keys:
         assert torch.equal(after[k], before[k[len("deepmask."):]]), k
-    sm0 = build_model(cfg).state_dict()
+    sm0 = initial_model(cfg).state_dict()
     changed = [k for k in after if not k.startswith("deepmask.") and not torch.equal(after[k], sm0[k])]
     assert changed, "the refinement modules did not learn"
 

@@ -17,15 +17,16 @@ import os
 import sys
 import time
 
-from segdist.config import MODEL_NAMES
 from segdist.errors import ConfigError
 
 HELP = "images/s and peak memory per model preset (decoded image to RLE), on this machine's device"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from segdist.proposers import PROPOSERS
+
     p.add_argument("--presets", default="all",
-                   help=f"comma-separated presets or 'all' ({', '.join(MODEL_NAMES)})")
+                   help=f"comma-separated presets or 'all' ({', '.join(PROPOSERS)})")
     p.add_argument("--images", type=int, default=8, help="timed images of --size per preset")
     p.add_argument("--size", default="640x480", help="WxH of the COCO-like images")
     p.add_argument("--big", default="4000x3000", help="WxH of the large image ('none' to skip)")
@@ -85,16 +86,16 @@ def _measure(spec: dict) -> dict:
     """One measurement, inside the worker process."""
     import torch
 
-    from segdist.config import ModelConfig
-    from segdist.models.generator import build_generator
+    from segdist.config import model_config
+    from segdist.proposers import build_proposer
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    cfg = ModelConfig(**spec["model"])
-    gen = build_generator(cfg)
+    cfg = model_config(**spec["model"])
+    gen = build_proposer(cfg)
     w, h = spec["size"]
     imgs = _images(1, 320, 240, seed=0) + _images(spec["n"], w, h, seed=1)
-    cuda = gen.device.type == "cuda"
+    cuda = gen.device.startswith("cuda")
     gen(imgs[:1], [0])  # warm-up on a small image (allocator, kernels, lazy imports), not timed
     if cuda:
         torch.cuda.synchronize()
@@ -145,10 +146,12 @@ def run(args: argparse.Namespace) -> int:
     if args.worker:
         print(json.dumps(_measure(json.loads(args.worker))))
         return 0
-    presets = list(MODEL_NAMES) if args.presets == "all" else [p.strip() for p in args.presets.split(",")]
-    bad = [p for p in presets if p not in MODEL_NAMES]
+    from segdist.proposers import PROPOSERS, config_class
+
+    presets = list(PROPOSERS) if args.presets == "all" else [p.strip() for p in args.presets.split(",")]
+    bad = [p for p in presets if p not in PROPOSERS]
     if bad:
-        raise ConfigError(f"unknown presets {bad}; choose from {list(MODEL_NAMES)}")
+        raise ConfigError(f"unknown presets {bad}; choose from {list(PROPOSERS)}")
     if args.images < 1:
         raise ConfigError(f"--images must be >= 1 (got {args.images})")
     workloads = [("coco", _size(args.size), args.images, None)]
@@ -156,13 +159,15 @@ def run(args: argparse.Namespace) -> int:
         workloads.append(("big", _size(args.big), 1, args.big_max_side))
     rows = []
     for preset in presets:
+        family = config_class(preset).model_fields  # each family takes the options it has
         for label, size, n, max_side in workloads:
             model = dict(name=preset, proposals=args.proposals, device=args.device,
-                         precision=args.precision, channels_last=args.channels_last,
-                         batch_size=args.batch_size, memory_budget_mb=args.memory_budget_mb,
-                         max_image_side=max_side)
-            if not preset.startswith("maskrcnn"):
-                model["trunk"] = args.trunk
+                         precision=args.precision, batch_size=args.batch_size,
+                         memory_budget_mb=args.memory_budget_mb)
+            for key, value in (("trunk", args.trunk), ("channels_last", args.channels_last),
+                               ("max_image_side", max_side)):
+                if key in family:
+                    model[key] = value
             res = _spawn({"model": model, "size": size, "n": n, "threads": args.threads})
             res.update(preset=preset, workload=f"{size[0]}x{size[1]}"
                        + (f" (max side {max_side})" if max_side else ""), images=n)

@@ -96,30 +96,32 @@ def _abs(uri: str) -> str:
 
 
 def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = None) -> str:
-    """Run the demo under ``out``; returns the printed report (also written to OUT/demo.txt)."""
-    import numpy as np
+    """Run the demo under ``out``; returns the printed report (also written to OUT/demo.txt).
 
-    from segdist.config import DatasetConfig, JobConfig, ModelConfig, OutputConfig, \
-        ResourcesConfig, ScalesConfig, validate
+    Steps (see the module docstring): data, training, proposals + evaluation of both models, the
+    overlay picture, the report.
+    """
     from segdist.data import load_dataset
-    from segdist.data.synthetic import make_synthetic
-    from segdist.evaluation.metrics import summarize
-    from segdist.evaluation.sharded import evaluate_proposals
-    from segdist.imageio import read_image
-    from segdist.job.driver import run_job
-    from segdist.ray_connect import connect_ray
-    from segdist.models.checkpoint import save_checkpoint
-    from segdist.proposals.store import open_proposals
-    from segdist.storage import atomic_write, exists, join
-    from segdist.training.config import TrainConfig
-    from segdist.training.trainer import build_model, fit
-    from segdist.visualize import draw_proposals, encode_png
 
     out = _abs(out)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    split = _write_data(out, plan, seed, timings)
+    val = load_dataset(split["val"])
+    trained, untrained, result, threads = _train(out, plan, seed, split, timings)
+    models = {"trained": trained, "untrained": untrained}
+    ar = _generate_and_evaluate(out, plan, split["val"], val, models, address, timings)
+    overlay_uri, shown = _overlay(out, val)
+    return _report(out, plan, seed, ar, result, models, timings, time.perf_counter() - t_start,
+                   overlay_uri, shown, threads, n_val=len(val))
 
-    # 1. data ----------------------------------------------------------------------------------
+
+def _write_data(out: str, plan: DemoPlan, seed: int, timings: dict[str, float]) -> dict:
+    """Step 1: the synthetic dataset (kept if already there); the train and val dataset configs."""
+    from segdist.config import DatasetConfig
+    from segdist.data.synthetic import make_synthetic
+    from segdist.storage import exists, join
+
     t = time.perf_counter()
     data = join(out, "data")
     ann = {s: join(data, "annotations", f"instances_{s}.json") for s in ("train", "val")}
@@ -128,12 +130,20 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         make_synthetic(data, plan.images, seed=seed, min_side=plan.min_side,
                        max_side=plan.max_side, max_objects=plan.max_objects, crowd_prob=0.0,
                        val_fraction=plan.val_fraction)
-    split = {s: DatasetConfig(format="coco", annotations=ann[s], images=join(data, "images"))
-             for s in ("train", "val")}
-    val = load_dataset(split["val"])
     timings["data"] = time.perf_counter() - t
+    return {s: DatasetConfig(format="coco", annotations=ann[s], images=join(data, "images"))
+            for s in ("train", "val")}
 
-    # 2. training ------------------------------------------------------------------------------
+
+def _train(out: str, plan: DemoPlan, seed: int, split: dict, timings: dict[str, float]):
+    """Step 2-3: the untrained model saved, then training in this process;
+    (trained checkpoint URI, untrained checkpoint URI, the TrainResult, torch threads)."""
+    from segdist.config import validate
+    from segdist.models.checkpoint import save_checkpoint
+    from segdist.storage import join
+    from segdist.training.config import TrainConfig
+    from segdist.training.trainer import fit, initial_model
+
     t = time.perf_counter()
     spe = max(1, plan.steps // 4)
     threads = _torch_threads() if plan.device == "cpu" else None
@@ -153,23 +163,36 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
              "at most %.1f min", plan.trunk, plan.i_sz, cfg.total_steps, plan.batch_size,
              threads or "default", plan.train_minutes)
     untrained_uri = join(out, "untrained.safetensors")
-    save_checkpoint(build_model(cfg), untrained_uri, {"note": "the trained run's initial weights"})
+    save_checkpoint(initial_model(cfg), untrained_uri, {"note": "the trained run's initial weights"})
     result = fit(cfg, max_seconds=plan.train_minutes * 60)
     trained_uri = result.best_model or result.final_model or join(out, "train", "final.safetensors")
     timings["train"] = time.perf_counter() - t
+    return trained_uri, untrained_uri, result, threads
 
-    # 3-4. proposals with the Ray job, and their evaluation --------------------------------------
+
+def _generate_and_evaluate(out: str, plan: DemoPlan, val_cfg, val, models: dict[str, str],
+                           address: str | None, timings: dict[str, float]) -> dict[str, dict]:
+    """Step 4-5: proposals for the held-out images with each model through the Ray job, and their
+    AR; {model label: {"segm"|"bbox": metrics}}."""
+    from segdist.config import JobConfig, OutputConfig, ResourcesConfig, model_config
+    from segdist.errors import SegdistError
+    from segdist.evaluation.metrics import summarize
+    from segdist.evaluation.sharded import evaluate_proposals
+    from segdist.job.driver import run_job
+    from segdist.ray_connect import connect_ray
+    from segdist.storage import join
+
     started = connect_ray(address)
     ar: dict[str, dict] = {}
     try:
-        for name, weights in (("trained", trained_uri), ("untrained", untrained_uri)):
+        for name, weights in models.items():
             t = time.perf_counter()
             job = JobConfig(
-                dataset=split["val"],
-                model=ModelConfig(name="deepmask", weights=weights, proposals=1000,
-                                  scales=ScalesConfig(min=plan.scales[0], max=plan.scales[1],
-                                                      step=plan.scales[2]),
-                                  device="auto" if plan.device == "auto" else "cpu", batch_size=4),
+                dataset=val_cfg,
+                model=model_config(name="deepmask", weights=weights, proposals=1000,
+                                   scales={"min": plan.scales[0], "max": plan.scales[1],
+                                           "step": plan.scales[2]},
+                                   device="auto" if plan.device == "auto" else "cpu", batch_size=4),
                 output=OutputConfig(uri=join(out, "proposals", name), chunk_size=max(
                     1, -(-len(val) // (2 * plan.job_workers)))),
                 resources=ResourcesConfig(num_workers=plan.job_workers, cpus_per_worker=1,
@@ -177,8 +200,6 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
             )
             res = run_job(job, address=address, overwrite=True, progress=False)
             if not res.complete:
-                from segdist.errors import SegdistError
-
                 raise SegdistError(f"the proposal job for the {name} model did not complete:\n"
                                    f"{res.summary()}")
             timings[f"generate_{name}"] = time.perf_counter() - t
@@ -192,9 +213,19 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
             import ray
 
             ray.shutdown()
+    return ar
 
-    # 5. overlay: trained (left) and untrained (right) top proposals on the held-out image with
-    # the most objects, enlarged 2x when small --------------------------------------------------
+
+def _overlay(out: str, val) -> tuple[str, int]:
+    """Step 6: trained (left) and untrained (right) top proposals on the held-out image with the
+    most objects, enlarged 2x when small; (PNG URI, image id)."""
+    import numpy as np
+
+    from segdist.imageio import read_image
+    from segdist.proposals.store import open_proposals
+    from segdist.storage import atomic_write, join
+    from segdist.visualize import draw_proposals, encode_png
+
     counts: dict[int, int] = {}
     for a in val.coco_gt["annotations"]:
         counts[a["image_id"]] = counts.get(a["image_id"], 0) + 1
@@ -208,9 +239,15 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         overlay = overlay.repeat(2, axis=0).repeat(2, axis=1)
     overlay_uri = join(out, "overlay.png")
     atomic_write(overlay_uri, encode_png(overlay))
+    return overlay_uri, first.image_id
 
-    # 6. report ------------------------------------------------------------------------------------
-    total = time.perf_counter() - t_start
+
+def _report(out: str, plan: DemoPlan, seed: int, ar: dict, result, models: dict[str, str],
+            timings: dict[str, float], total: float, overlay_uri: str, shown: int,
+            threads: int | None, n_val: int) -> str:
+    """The AR table and where every output is; written to OUT/demo.txt and OUT/demo.json."""
+    from segdist.storage import atomic_write, join
+
     t_ar, u_ar = ar["trained"]["segm"]["AR@100"], ar["untrained"]["segm"]["AR@100"]
     rows = []
     for kind in ("segm", "bbox"):
@@ -222,7 +259,7 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
     patch = best.get("patch", {})
     lines = [
         "",
-        f"segdist demo: {len(val)} held-out synthetic images, {plan.trunk} DeepMask (i_sz "
+        f"segdist demo: {n_val} held-out synthetic images, {plan.trunk} DeepMask (i_sz "
         f"{plan.i_sz}) trained {result.step} steps x {plan.batch_size} windows",
         f"per-patch (held-out, best step {best.get('step', '-')}): mean IoU "
         f"{_f(patch.get('mean_iou'))}, IoU>=.5 {_f(patch.get('iou50'))}, IoU>=.7 "
@@ -234,19 +271,19 @@ def run_demo(out: str, plan: DemoPlan, *, seed: int = 0, address: str | None = N
         if u_ar else f"trained AR@100 (segments) = {_f(t_ar)}",
         "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {total:.0f} s",
         "outputs:",
-        f"  dataset            {data}",
+        f"  dataset            {join(out, 'data')}",
         f"  training run       {join(out, 'train')} (config.yaml, metrics.jsonl, checkpoints/)",
-        f"  trained model      {trained_uri}",
-        f"  untrained model    {untrained_uri}",
+        f"  trained model      {models['trained']}",
+        f"  untrained model    {models['untrained']}",
         f"  proposals          {join(out, 'proposals', 'trained')}, {join(out, 'proposals', 'untrained')}",
-        f"  overlay            {overlay_uri} (top 5 proposals of image {first.image_id}: "
+        f"  overlay            {overlay_uri} (top 5 proposals of image {shown}: "
         "trained left, untrained right)",
         f"  numbers            {join(out, 'demo.json')}",
     ]
     report = "\n".join(lines)
     summary = {"plan": asdict(plan), "seed": seed, "steps": result.step, "best": best,
-               "ar": ar, "timings_s": timings, "total_s": total, "val_images": len(val),
-               "trained_model": trained_uri, "untrained_model": untrained_uri,
+               "ar": ar, "timings_s": timings, "total_s": total, "val_images": n_val,
+               "trained_model": models["trained"], "untrained_model": models["untrained"],
                "torch_threads": threads, "history": result.history}
     atomic_write(join(out, "demo.json"), json.dumps(summary, indent=1).encode())
     atomic_write(join(out, "demo.txt"), report.encode())

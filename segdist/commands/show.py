@@ -13,15 +13,16 @@ HELP = "draw the top proposals over an image, or over each image of a folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from segdist.config import MODEL_NAMES
+    from segdist.proposers import PROPOSERS
 
     parser.add_argument("image", help="image URI (local path, s3://..., any fsspec URI), or a "
                                       "folder: every image under it, as dataset.format images")
-    parser.add_argument("--model", default="sharpmask-zoom", choices=MODEL_NAMES,
+    parser.add_argument("--model", default="sharpmask-zoom", choices=list(PROPOSERS),
                         help="model preset (default: sharpmask-zoom)")
     parser.add_argument("--weights", default=None,
-                        help="weights URI (a segdist checkpoint, e.g. from convert-t7, or a "
-                             "torchvision file / DEFAULT for Mask R-CNN); default: random weights")
+                        help="weights, as model.weights takes them: a segdist checkpoint (e.g. "
+                             "from convert-t7), an original .t7, or for Mask R-CNN DEFAULT or a "
+                             "state-dict file; default: random weights")
     parser.add_argument("--top", type=int, default=20, help="how many proposals to draw (default 20)")
     parser.add_argument("--out", default=None,
                         help="output PNG URI (default overlay.png); for a folder, the folder the "
@@ -35,33 +36,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from segdist.config import ModelConfig
+    from segdist.config import model_config
     from segdist.errors import ConfigError
     from segdist.imageio import read_image
-    from segdist.models.generator import build_generator
+    from segdist.proposers import build_proposer, config_class
     from segdist.storage import atomic_write
     from segdist.visualize import draw_proposals, encode_png
 
     if args.top < 1:
         raise ConfigError(f"--top must be >= 1 (got {args.top})")
-    try:
-        cfg = ModelConfig(name=args.model, weights=args.weights, proposals=args.top,
-                          device=args.device, max_image_side=args.max_image_side, batch_size=1)
-    except ValidationError as exc:
-        raise ConfigError(f"invalid model settings: {exc.errors()[0]['msg']}") from exc
+    fields = dict(name=args.model, weights=args.weights, proposals=args.top, device=args.device,
+                  batch_size=1)
+    if args.max_image_side is not None:
+        if "max_image_side" not in config_class(args.model).model_fields:
+            raise ConfigError(f"--max-image-side does not apply to {args.model}: it has no "
+                              "max_image_side setting")
+        fields["max_image_side"] = args.max_image_side
+    cfg = model_config(**fields)
     if _is_folder(args.image):
         return run_folder(args, cfg)
     if args.limit is not None:
         raise ConfigError("--limit is for a folder; the image given is one file")
     args.out = args.out or "overlay.png"
     image = read_image(args.image)
-    generator = build_generator(cfg)
-    (props,) = generator([image], [0])
+    proposer = build_proposer(cfg)
+    (props,) = proposer([image], [0])
     atomic_write(args.out, encode_png(draw_proposals(image, props, top=args.top)))
     best = ", ".join(f"{s:.3f}" for s in props.scores[:5])
-    print(f"{args.out}: {min(len(props), args.top)} proposals of {generator.name} drawn over "
+    print(f"{args.out}: {min(len(props), args.top)} proposals of {proposer.name} drawn over "
           f"{args.image} ({image.shape[1]}x{image.shape[0]}); best scores {best}")
     return 0
 
@@ -92,7 +94,7 @@ def run_folder(args: argparse.Namespace, cfg: "ModelConfig") -> int:
     from segdist.data.images import load_images
     from segdist.errors import ConfigError, ImageDecodeError, SegdistError
     from segdist.imageio import read_image
-    from segdist.models.generator import build_generator
+    from segdist.proposers import build_proposer
     from segdist.storage import atomic_write, join
     from segdist.visualize import draw_proposals, encode_png
 
@@ -105,7 +107,7 @@ def run_folder(args: argparse.Namespace, cfg: "ModelConfig") -> int:
     records = records[:args.limit] if args.limit else records
     if not records:
         raise SegdistError(f"no images under {args.image} (extensions: see docs/datasets.md)")
-    generator = build_generator(cfg)
+    proposer = build_proposer(cfg)
     written = 0
     for rec in records:
         try:
@@ -113,7 +115,7 @@ def run_folder(args: argparse.Namespace, cfg: "ModelConfig") -> int:
         except ImageDecodeError as exc:
             print(f"skipped {rec.file_name}: {exc.reason}")
             continue
-        (props,) = generator([image], [rec.image_id])
+        (props,) = proposer([image], [rec.image_id])
         target = join(out, overlay_name(rec.file_name))
         atomic_write(target, encode_png(draw_proposals(image, props, top=args.top)))
         written += 1
@@ -122,5 +124,5 @@ def run_folder(args: argparse.Namespace, cfg: "ModelConfig") -> int:
               f"({image.shape[1]}x{image.shape[0]}), best score {best}")
     if not written:
         raise SegdistError(f"none of the {len(records)} images under {args.image} could be read")
-    print(f"{written} overlays of {generator.name} in {out} ({len(records) - written} skipped)")
+    print(f"{written} overlays of {proposer.name} in {out} ({len(records) - written} skipped)")
     return 0

@@ -11,8 +11,9 @@ Order of work (each step can stop the run before anything expensive happens):
 4. committed chunks (a record and all files present) are skipped;
 5. Ray: an embedded local cluster, or the cluster at ``address`` / RAY_ADDRESS; one worker actor per
    GPU (``resources.gpus_per_worker`` each, fractional allowed), or CPU workers on a cluster
-   without GPUs; the first worker's model identity (name, weights sha256) is checked against the
-   run record before any chunk is sent;
+   without GPUs, each building the proposer ``PROPOSERS[model.name]`` names (the builder is
+   shipped with the worker settings); the first worker's model identity (name, weights sha256) is
+   checked against the run record before any chunk is sent;
 6. the dispatcher runs the remaining chunks (retries, worker replacement);
 7. ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` last; the result says
    whether every chunk is committed.
@@ -30,9 +31,10 @@ from typing import Any
 from segdist import __version__
 from segdist.config import JobConfig, public_dict
 from segdist.errors import ConfigError, SegdistError
-from segdist.job import faults, manifest, preflight, state
-from segdist.job.dispatch import ChunkFailure, Dispatcher
-from segdist.job.plan import plan_chunks, plan_incremental
+from segdist.data.records import Dataset
+from segdist.job import manifest, preflight, state
+from segdist.job.dispatch import ChunkFailure, DispatchStats, Dispatcher
+from segdist.job.plan import ChunkSpec, plan_chunks, plan_incremental
 from segdist.job.progress import JobProgress
 from segdist.job.worker import WorkerInfo, WorkerSettings
 from segdist.proposals import layout
@@ -121,31 +123,38 @@ def _worker_resources(cfg: JobConfig, n_chunks: int, embedded: bool) -> tuple[in
                 raise ConfigError(
                     f"each worker asks for {need:g} {key}s (resources.{fld}) but this machine's "
                     f"embedded Ray has {float(have.get(key, 0)):g}; lower resources.{fld}")
-    fault = os.environ.get(faults.ENV_VAR)
-    if fault:
-        faults.parse(fault)  # fail here, in the driver, if malformed
-        options["runtime_env"] = {"env_vars": {faults.ENV_VAR: fault}}
     return min(count, max(n_chunks, 1)), options
 
 
-def _absolute(uri: str | None, *, weights: bool = False) -> str | None:
+def _absolute(uri: str | None) -> str | None:
     if uri is None or "://" in uri or "::" in uri:
         return uri
-    if weights and "/" not in uri and "." not in uri:
-        return uri  # a torchvision weights enum name such as DEFAULT
     return os.path.abspath(os.path.expanduser(uri))
 
 
 def absolute_local_paths(cfg: JobConfig) -> JobConfig:
     """``cfg`` with relative local paths made absolute: workers do not share the driver's cwd."""
     d, m, o = cfg.dataset, cfg.model, cfg.output
+    weights = m.weights.with_uri(_absolute(m.weights.uri)) if m.weights.is_file else m.weights
     return cfg.model_copy(update={
         "dataset": d.model_copy(update={"annotations": _absolute(d.annotations),
                                         "images": _absolute(d.images), "root": _absolute(d.root),
                                         "image_list": _absolute(d.image_list)}),
-        "model": m.model_copy(update={"weights": _absolute(m.weights, weights=True)}),
+        "model": m.model_copy(update={"weights": weights}),
         "output": o.model_copy(update={"uri": _absolute(o.uri)}),
     })
+
+
+@dataclass
+class _Dispatched:
+    """What the workers did in this run (empty when every chunk was already committed)."""
+
+    done: dict[int, state.ChunkRecord] = field(default_factory=dict)
+    failures: dict[int, ChunkFailure] = field(default_factory=dict)
+    stats: DispatchStats | None = None
+    first_worker: WorkerInfo | None = None
+    first_ready_s: float | None = None
+    seconds: float = 0.0
 
 
 def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = False,
@@ -159,17 +168,49 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     t_start = time.perf_counter()
     cfg = absolute_local_paths(cfg)
     out = cfg.output.uri.rstrip("/") or cfg.output.uri
-    opts = cfg.output.storage_options
+    dataset, plan = _preflight(cfg)
+    record = _claim_output(cfg, out, overwrite, created=started)
+    plan = _plan(cfg, out, dataset, plan)
+    committed = state.committed_chunks(out, len(plan), cfg.output.storage_options,
+                                       [c.image_ids for c in plan])
+    todo = [c for c in plan if c.index not in committed]
+    if committed:
+        log.info("resuming: %d of %d chunks already committed, %d to do", len(committed), len(plan),
+                 len(todo))
+    run = _Dispatched()
+    if todo:
+        run = _dispatch(cfg, out, dataset, plan, committed, todo, record, address, progress)
+    doc, manifest_uri = _write_manifest(cfg, out, dataset, plan, committed, run, record, started,
+                                        t_start)
+    images_now = sum(r.images + len(r.failed) for r in run.done.values())
+    result = JobResult(
+        complete=doc["complete"], output_uri=out, manifest_uri=manifest_uri,
+        chunks_total=len(plan), chunks_skipped=len(committed), chunks_written=len(run.done),
+        chunks_failed=sorted(run.failures.values(), key=lambda f: f.index),
+        images_total=len(dataset), images_written=doc["totals"]["images"],
+        images_failed=doc["totals"]["images_failed"], proposals=doc["totals"]["proposals"],
+        seconds=run.seconds,
+        images_per_second=images_now / run.seconds if run.done and run.seconds > 0 else 0.0,
+        written_chunks=sorted(run.done), failed_images=doc["failed_images"][:SUMMARY_BAD_IMAGES])
+    log.debug("%s", result.summary())
+    return result
 
+
+def _preflight(cfg: JobConfig) -> tuple[Dataset, list[ChunkSpec] | None]:
+    """Steps 1-2: the output is writable, the weights exist, the dataset loads; its chunk plan
+    (None for an image folder: its plan needs the output's records, see :func:`_plan`)."""
     preflight.check_output(cfg.output)
     preflight.check_weights(cfg.model)
     dataset = preflight.load_checked_dataset(cfg.dataset)
-    # An image folder grows: its plan keeps the chunks the output holds (plan_incremental), so it
-    # is made once the output's records are known to be this config's.
-    incremental = cfg.dataset.format == "images"
-    plan = None if incremental else plan_chunks(dataset.images, cfg.output.chunk_size)
-    n_images = len(dataset)
+    if cfg.dataset.format == "images":
+        return dataset, None
+    return dataset, plan_chunks(dataset.images, cfg.output.chunk_size)
 
+
+def _claim_output(cfg: JobConfig, out: str, overwrite: bool, created: str) -> state.RunRecord:
+    """Step 3: the output's run record: this config's (written now when new), or a refusal when
+    the output holds another config's proposals (unless ``overwrite``: they are removed)."""
+    opts = cfg.output.storage_options
     settings = state.output_settings(cfg)
     fp = state.fingerprint(settings)
     record = state.read_run_record(out, opts)
@@ -189,116 +230,119 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
             "use a new output.uri, or pass --overwrite to replace them.")
     if record is None:
         record = state.RunRecord(fingerprint=fp, settings=settings, segdist_version=__version__,
-                                 created=started)
+                                 created=created)
         state.write_run_record(out, record, opts)
+    return record
 
+
+def _plan(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | None
+          ) -> list[ChunkSpec]:
+    """The chunk plan: an image folder grows, so its plan keeps the chunks the output holds
+    (:func:`plan_incremental`), made once the output's records are known to be this config's."""
     if plan is None:
         plan = plan_incremental(dataset.images, cfg.output.chunk_size,
-                                state.recorded_chunk_ids(out, opts))
+                                state.recorded_chunk_ids(out, cfg.output.storage_options))
     log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
-             n_images, len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
-    committed = state.committed_chunks(out, len(plan), opts, [c.image_ids for c in plan])
-    todo = [c for c in plan if c.index not in committed]
-    skipped_images = sum(r.images + len(r.failed) for r in committed.values())
-    if committed:
-        log.info("resuming: %d of %d chunks already committed, %d to do", len(committed), len(plan),
-                 len(todo))
+             len(dataset), len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
+    return plan
 
-    worker_info: dict[str, WorkerInfo] = {}
-    done: dict[int, state.ChunkRecord] = {}
-    failures: dict[int, ChunkFailure] = {}
+
+def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
+              committed: dict[int, state.ChunkRecord], todo: list[ChunkSpec],
+              record: state.RunRecord, address: str | None, progress: bool) -> _Dispatched:
+    """Steps 5-6: Ray, the workers, and the remaining chunks through the dispatcher."""
+    from segdist.proposers import PROPOSERS
+
+    opts = cfg.output.storage_options
+    run = _Dispatched()
     t_run = time.perf_counter()
-    first_ready_s: float | None = None
-    dispatch_stats = None
-    if todo:
-        started_ray = connect_ray(address)
-        bar = JobProgress(n_images, len(plan), skipped_images, len(committed), enabled=progress)
-        try:
-            n_workers, options = _worker_resources(cfg, len(todo), embedded=started_ray)
-            log.info("starting %d worker(s) with %s", n_workers,
-                     {k: v for k, v in options.items() if k != "runtime_env"})
+    started_ray = connect_ray(address)
+    skipped_images = sum(r.images + len(r.failed) for r in committed.values())
+    bar = JobProgress(len(dataset), len(plan), skipped_images, len(committed), enabled=progress)
+    try:
+        n_workers, options = _worker_resources(cfg, len(todo), embedded=started_ray)
+        log.info("starting %d worker(s) with %s", n_workers, options)
 
-            def check_model(info: WorkerInfo) -> None:
-                nonlocal first_ready_s
-                first_ready_s = time.perf_counter() - t_run
-                if record.model_name is not None and (
-                        record.model_name != info.model_name or record.weights_sha256 != info.weights_sha256):
-                    raise SegdistError(
-                        f"{out} holds proposals of model {record.model_name} (weights sha256 "
-                        f"{record.weights_sha256}), but this run loads {info.model_name} (weights "
-                        f"sha256 {info.weights_sha256}). Use a new output.uri, or --overwrite.")
-                if record.model_name is None:
-                    record.model_name, record.weights_sha256 = info.model_name, info.weights_sha256
-                    state.write_run_record(out, record, opts)
-                worker_info["first"] = info
+        def check_model(info: WorkerInfo) -> None:
+            run.first_ready_s = time.perf_counter() - t_run
+            if record.model_name is not None and (
+                    record.model_name != info.model_name or record.weights_sha256 != info.weights_sha256):
+                raise SegdistError(
+                    f"{out} holds proposals of model {record.model_name} (weights sha256 "
+                    f"{record.weights_sha256}), but this run loads {info.model_name} (weights "
+                    f"sha256 {info.weights_sha256}). Use a new output.uri, or --overwrite.")
+            if record.model_name is None:
+                record.model_name, record.weights_sha256 = info.model_name, info.weights_sha256
+                state.write_run_record(out, record, opts)
+            run.first_worker = info
 
-            def chunk_done(rec: state.ChunkRecord) -> None:
-                bar.chunk_done(rec.images, len(rec.failed))
+        def attempt_failed(index: int, error: str, final: bool) -> None:
+            bar.attempt_failed(final)
+            log.warning("chunk %d attempt failed%s: %s", index,
+                        " (giving up)" if final else ", will retry", error)
 
-            def attempt_failed(index: int, error: str, final: bool) -> None:
-                bar.attempt_failed(final)
-                log.warning("chunk %d attempt failed%s: %s", index,
-                            " (giving up)" if final else ", will retry", error)
+        wsettings = WorkerSettings(
+            model=cfg.model, builder=PROPOSERS[cfg.model.name], out_uri=out,
+            formats=tuple(cfg.output.formats), gzip=cfg.output.gzip,
+            out_storage_options=dict(opts), data_storage_options=dict(dataset.storage_options),
+            decode_threads=cfg.resources.decode_threads, max_pixels=cfg.dataset.max_pixels)
+        dispatcher = Dispatcher(
+            wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
+            max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
+            on_done=lambda rec: bar.chunk_done(rec.images, len(rec.failed)),
+            on_failed_attempt=attempt_failed, on_tick=bar.tick,
+            chunk_timeout_s=cfg.resources.chunk_timeout_s)
+        run.done, run.failures = dispatcher.run(todo)
+        run.stats = dispatcher.stats
+    finally:
+        bar.close()
+        if started_ray:
+            import ray
 
-            wsettings = WorkerSettings(
-                model=cfg.model, out_uri=out, formats=tuple(cfg.output.formats), gzip=cfg.output.gzip,
-                out_storage_options=dict(opts), data_storage_options=dict(dataset.storage_options),
-                decode_threads=cfg.resources.decode_threads, max_pixels=cfg.dataset.max_pixels)
-            dispatcher = Dispatcher(
-                wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
-                max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
-                on_done=chunk_done, on_failed_attempt=attempt_failed, on_tick=bar.tick,
-                chunk_timeout_s=cfg.resources.chunk_timeout_s)
-            done, failures = dispatcher.run(todo)
-            dispatch_stats = dispatcher.stats
-        finally:
-            bar.close()
-            if started_ray:
-                import ray
+            ray.shutdown()
+    run.seconds = time.perf_counter() - t_run
+    return run
 
-                ray.shutdown()
-    run_seconds = time.perf_counter() - t_run
 
-    records = {**committed, **done}
-    model_info = {"name": record.model_name or cfg.model.name, "weights": cfg.model.weights,
+def _write_manifest(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
+                    committed: dict[int, state.ChunkRecord], run: _Dispatched,
+                    record: state.RunRecord, started: str, t_start: float
+                    ) -> tuple[dict[str, Any], str]:
+    """Step 7: ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` from every
+    committed chunk's record, written last; (the manifest, its URI)."""
+    opts = cfg.output.storage_options
+    model_info = {"name": record.model_name or cfg.model.name, "weights": cfg.model.weights.text(),
                   "weights_sha256": record.weights_sha256}
-    if "first" in worker_info:
-        model_info["device"] = worker_info["first"].device
-    images_now = sum(r.images + len(r.failed) for r in done.values())
+    if run.first_worker is not None:
+        model_info["device"] = run.first_worker.device
+    images_now = sum(r.images + len(r.failed) for r in run.done.values())
     timings: dict[str, Any] = {
         "started": started, "finished": manifest.utc_now(),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
-        "run_seconds": round(run_seconds, 3),
+        "run_seconds": round(run.seconds, 3),
         "images_processed_now": images_now,
-        "images_per_second": round(images_now / run_seconds, 4) if done and run_seconds > 0 else None,
-        "first_worker_ready_seconds": None if first_ready_s is None else round(first_ready_s, 3),
-        "chunk_seconds": {k: round(sum(r.seconds.get(k, 0.0) for r in done.values()), 3)
+        "images_per_second": (round(images_now / run.seconds, 4)
+                              if run.done and run.seconds > 0 else None),
+        "first_worker_ready_seconds": (None if run.first_ready_s is None
+                                       else round(run.first_ready_s, 3)),
+        "chunk_seconds": {k: round(sum(r.seconds.get(k, 0.0) for r in run.done.values()), 3)
                           for k in ("decode_wait", "model", "write", "total")},
     }
-    if dispatch_stats is not None:
-        timings["workers_started"] = dispatch_stats.workers_started
-        timings["workers_replaced"] = dispatch_stats.workers_replaced
-        timings["failed_attempts"] = dispatch_stats.attempts_failed
+    if run.stats is not None:
+        timings["workers_started"] = run.stats.workers_started
+        timings["workers_replaced"] = run.stats.workers_replaced
+        timings["failed_attempts"] = run.stats.attempts_failed
     failed_list = [{"index": f.index, "name": chunk_name(f.index), "attempts": f.attempts,
-                    "errors": f.errors} for f in sorted(failures.values(), key=lambda f: f.index)]
+                    "errors": f.errors} for f in sorted(run.failures.values(), key=lambda f: f.index)]
+    records = {**committed, **run.done}
     images = manifest.image_index(records, dataset.by_id())
     if "coco-json" in cfg.output.formats:
         layout.write_images_index(out, images, opts)
-    dataset_info = {"name": dataset.name, "format": cfg.dataset.format, "images": n_images}
+    dataset_info = {"name": dataset.name, "format": cfg.dataset.format, "images": len(dataset)}
     if dataset.skipped:
         dataset_info["skipped_files"] = dict(sorted(dataset.skipped.items()))
     doc = manifest.build_manifest(
         config=public_dict(cfg), model=model_info, dataset=dataset_info,
         chunk_size=cfg.output.chunk_size, n_chunks=len(plan), records=records,
         failed_chunks=failed_list, timings=timings, images=images)
-    manifest_uri = manifest.write_manifest(out, doc, opts)
-    result = JobResult(
-        complete=doc["complete"], output_uri=out, manifest_uri=manifest_uri, chunks_total=len(plan),
-        chunks_skipped=len(committed), chunks_written=len(done),
-        chunks_failed=sorted(failures.values(), key=lambda f: f.index), images_total=n_images,
-        images_written=doc["totals"]["images"], images_failed=doc["totals"]["images_failed"],
-        proposals=doc["totals"]["proposals"], seconds=run_seconds,
-        images_per_second=images_now / run_seconds if done and run_seconds > 0 else 0.0,
-        written_chunks=sorted(done), failed_images=doc["failed_images"][:SUMMARY_BAD_IMAGES])
-    log.debug("%s", result.summary())
-    return result
+    return doc, manifest.write_manifest(out, doc, opts)

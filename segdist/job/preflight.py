@@ -54,21 +54,22 @@ def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
 
 
 def check_weights(model: ModelConfig) -> None:
-    """Raise unless ``model.weights`` is unset, a torchvision enum name, or an existing file.
+    """Raise unless ``model.weights`` needs no file (random, a torchvision enum member, which the
+    builder resolves and checks) or names a file that exists.
 
     Every worker would otherwise fail to load the model, on every node, minutes into the run.
     """
-    w = model.weights
-    if w is None or w == "DEFAULT" or ("/" not in w and "." not in w):
-        return  # random weights, or an enum name that build_generator resolves (and checks)
-    if OUTPUT_URI_PLACEHOLDER in w:
+    ref = model.weights
+    if not ref.is_file:
+        return
+    if OUTPUT_URI_PLACEHOLDER in ref.uri:
         raise ConfigError(
-            f"model.weights is still the placeholder {w!r}: convert the original model once "
+            f"model.weights is still the placeholder {ref.uri!r}: convert the original model once "
             "(segdist convert-t7 URL_OF_model.t7 s3://your-bucket/models/NAME.safetensors, see "
             "docs/t7.md) or train one (segdist train), then --set model.weights=THAT_URI")
     try:
-        found = storage.exists(w, model.storage_options)
+        found = storage.exists(ref.uri, model.storage_options)
     except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot reach model.weights {w}: {exc}") from exc
+        raise StorageError(f"cannot reach model.weights {ref.uri}: {exc}") from exc
     if not found:
-        raise StorageError(f"model.weights {w} does not exist; check the URI")
+        raise StorageError(f"model.weights {ref.uri} does not exist; check the URI")

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from segdist import storage
-from segdist.config import JobConfig
+from segdist.config import JobConfig, execution_only_fields
 from segdist.errors import SegdistError, StorageError
 from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.proposals import layout
@@ -35,11 +35,6 @@ from segdist.proposals.layout import CHUNK_PREFIX, CHUNKS_DIR, MANIFEST, RUN_FIL
 
 log = logging.getLogger(__name__)
 _RECORD_FILE = re.compile("^" + re.escape(CHUNK_PREFIX) + r"(\d{6,})\.json$")
-
-# Model settings that change how a run executes but not what it writes (a resumed run may move
-# from a CPU laptop to a GPU cluster, or change its batch size, without invalidating the output).
-_EXECUTION_ONLY_MODEL_FIELDS = ("batch_size", "device", "channels_last", "memory_budget_mb")
-
 
 def state_uri(out_uri: str, *parts: str) -> str:
     return storage.join(out_uri, STATE_DIR, *parts)
@@ -63,14 +58,18 @@ _LATER_DATASET_DEFAULTS = {"image_list": None, "extensions": None, "glob": None,
 
 
 def output_settings(cfg: JobConfig) -> dict[str, Any]:
-    """The parts of a config that determine the bytes of the output (no credentials, no resources)."""
+    """The parts of a config that determine the bytes of the output (no credentials, no resources).
+
+    Model fields declared execution-only in the schema (:data:`segdist.config.EXECUTION_ONLY`:
+    device, batch size, memory budget, ...) are left out: a resumed run may change them.
+    """
     dataset = cfg.dataset.model_dump(mode="json", exclude={"storage_options"})
     for key, default in _LATER_DATASET_DEFAULTS.items():
         if key in dataset and dataset[key] == default:
             del dataset[key]
     # storage_options: credentials for the weights file; they never go into the run record.
     model = cfg.model.model_dump(mode="json",
-                                 exclude={*_EXECUTION_ONLY_MODEL_FIELDS, "storage_options"})
+                                 exclude={*execution_only_fields(cfg.model), "storage_options"})
     output = cfg.output.model_dump(mode="json", include={"formats", "chunk_size", "gzip"})
     return {"dataset": dataset, "model": model, "output": output}
 

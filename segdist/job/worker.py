@@ -1,16 +1,17 @@
 """The worker: one model per process, whole chunks in, committed chunk files out.
 
 A :class:`ChunkWorker` runs as a Ray actor (see :mod:`segdist.job.dispatch`), pinned to a GPU when
-the cluster has them. It loads the generator once, in its constructor. For each chunk it
+the cluster has them. It builds its proposer once, in its constructor, with the builder the driver
+looked up in :data:`segdist.proposers.PROPOSERS` and shipped with the settings. For each chunk it
 
 1. decodes the chunk's images in a thread pool, ahead of the model (bounded read-ahead, so a slow
    object store or a big JPEG does not leave the device waiting, and memory stays bounded);
-2. batches the decoded images (``model.batch_size``) and runs the generator under a lock;
+2. batches the decoded images (``model.batch_size``) and runs the proposer under a lock;
 3. writes the chunk's files itself (:func:`segdist.proposals.layout.write_chunk`, each file atomic);
 4. writes the chunk record last (:mod:`segdist.job.state`): the chunk's commit marker.
 
 The actor is threaded (two chunks in flight): one chunk's decoding and writing overlap the other
-chunk's model time, while the lock keeps one generator call at a time on the device.
+chunk's model time, while the lock keeps one proposer call at a time on the device.
 
 A bad image (missing, truncated, undecodable) is recorded with its id, file and reason and skipped;
 the chunk still commits. Any other error fails the attempt, and the driver retries the chunk.
@@ -24,10 +25,10 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,17 +37,25 @@ from segdist.config import ModelConfig
 from segdist.data.records import ImageRecord
 from segdist.errors import ImageDecodeError, SegdistError
 from segdist.imageio import DEFAULT_MAX_PIXELS, read_image
-from segdist.job import faults
 from segdist.job.state import ChunkRecord, chunk_record_uri, relative_to
 from segdist.proposals import layout
 from segdist.proposals.types import ImageProposals
 
+if TYPE_CHECKING:
+    from segdist.proposers import Proposer
+
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """Everything a worker needs, shipped once to its constructor (plain data: it is pickled)."""
+    """Everything a worker needs, shipped once to its constructor (pickled by Ray).
+
+    ``builder`` is ``PROPOSERS[model.name]`` as the driver found it: it travels with the settings,
+    so a proposer registered only in the driver's process is built on the workers too (its module
+    must be importable there, or it was defined in ``__main__`` and travels by value).
+    """
 
     model: ModelConfig
+    builder: Callable[[ModelConfig], "Proposer"]
     out_uri: str
     formats: tuple[str, ...]
     gzip: bool = False
@@ -69,23 +78,16 @@ class WorkerInfo:
     user_error: bool = False  # the error is a SegdistError (bad config/weights), not a crash
 
 
-def _build_generator(model: ModelConfig):
-    # Imported here: the driver never needs torch or the model code.
-    from segdist.models.generator import build_generator
-
-    return build_generator(model)
-
-
 class ChunkWorker:
     """Turns chunks of image records into committed chunk files (see the module docstring)."""
 
     def __init__(self, settings: WorkerSettings):
         self.settings = settings
-        self.generator = None
+        self.proposer: Proposer | None = None
         self._error: str | None = None
         self._user_error = False
         try:
-            self.generator = _build_generator(settings.model)
+            self.proposer = settings.builder(settings.model)
         except SegdistError as exc:
             self._error, self._user_error = str(exc), True
         except Exception as exc:  # a crash while loading: report it instead of dying silently
@@ -95,7 +97,7 @@ class ChunkWorker:
         self._name = f"{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> WorkerInfo:
-        g = self.generator
+        g = self.proposer
         return WorkerInfo(
             model_name=getattr(g, "name", None), weights_sha256=getattr(g, "weights_sha256", None),
             device=str(getattr(g, "device", None)) if g is not None else None,
@@ -134,11 +136,11 @@ class ChunkWorker:
         """Proposals for one batch, and the seconds the model ran (not the wait for the lock)."""
         with self._model_lock:
             t0 = time.perf_counter()
-            out = self.generator(images, ids)
+            out = self.proposer(images, ids)
             seconds = time.perf_counter() - t0
         got = [p.image_id for p in out]
         if got != ids:
-            raise RuntimeError(f"generator returned proposals for images {got}, expected {ids}")
+            raise RuntimeError(f"proposer returned proposals for images {got}, expected {ids}")
         return out, seconds
 
     def process_chunk(self, index: int, records: Sequence[ImageRecord], attempt: int = 1) -> ChunkRecord:
@@ -147,7 +149,7 @@ class ChunkWorker:
         Raises on any failure other than a bad image; nothing is then committed for this chunk
         (files already written are rewritten byte-identically by the retry).
         """
-        if self.generator is None:
+        if self.proposer is None:
             raise RuntimeError(f"the model failed to load on {self._name}: {self._error}")
         s = self.settings
         t_start = time.perf_counter()
@@ -175,7 +177,6 @@ class ChunkWorker:
             proposals.extend(out)
             model_s += seconds
         del batch_imgs
-        faults.maybe_inject(index)  # tests only: die or stall here, mid-chunk (the model has run)
         t0 = time.perf_counter()
         names = {r.image_id: r.file_name for r in records}
         files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip,
@@ -197,6 +198,3 @@ class ChunkWorker:
         # The record is the commit marker: it goes last, after every file of the chunk exists.
         storage.atomic_write(chunk_record_uri(s.out_uri, index), record.to_json(), s.out_storage_options)
         return record
-
-    def ping(self) -> str:
-        return self._name

@@ -1,7 +1,10 @@
-"""Proposal models: DeepMask, SharpMask (faithful to the original), Mask R-CNN (torchvision).
+"""The networks and their weights: DeepMask, SharpMask (faithful to the original) and torchvision's
+Mask R-CNN. Running them over whole images is :mod:`segdist.proposers`.
 
 Modules: ``layers`` (symmetric padding, folded BatchNorm), ``trunk`` (ResNet to layer3),
-``deepmask``, ``sharpmask``, ``inference`` (whole-image pyramid inference), ``maskrcnn``,
-``checkpoint`` (our safetensors checkpoints), ``weights`` (weight files and torchvision enums),
-``generator`` (the one interface the job calls: :func:`segdist.models.generator.build_generator`).
+``deepmask`` and ``sharpmask`` (the nn.Modules, with keyword-only builders ``deepmask(*, trunk=...)``
+and ``sharpmask(*, deepmask=...)``), ``maskrcnn`` (``build_maskrcnn(*, version, weights, ...)``),
+``checkpoint`` (segdist safetensors checkpoints, ``build_model`` by kind name, ``load_weights`` of
+a checkpoint or .t7 reference), ``weights`` (weight files and torchvision enums), ``t7`` (the
+original model.t7 reader and converter).
 """

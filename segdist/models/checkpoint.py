@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from segdist.config import WeightsRef
 from segdist.errors import ConfigError
 from segdist.models.deepmask import DeepMask, DeepMaskConfig
 from segdist.models.sharpmask import SharpMask
+from segdist.models.sharpmask import sharpmask as build_sharpmask
 from segdist.models.weights import parse_state_dict, safetensors_metadata, sha256_bytes
 from segdist.storage import atomic_write, read_bytes
 
@@ -80,12 +82,14 @@ def save_checkpoint(model: nn.Module, uri: str, metadata: Mapping[str, Any] | No
 
 def build_model(kind: str, cfg: DeepMaskConfig, sharpmask: Mapping[str, int] | None = None
                 ) -> nn.Module:
-    """An untrained DeepMask or SharpMask of the given architecture."""
+    """An untrained model of a kind named in a checkpoint ("deepmask" or "sharpmask") with the
+    architecture ``cfg`` (and, for a SharpMask, its ``{"km", "ks"}``); the one builder by name."""
     if kind == "deepmask":
         return DeepMask(cfg)
     if kind == "sharpmask":
         sm = dict(sharpmask or {})
-        return SharpMask(DeepMask(cfg), km=int(sm.get("km", 32)), ks=int(sm.get("ks", 32)))
+        return build_sharpmask(deepmask=DeepMask(cfg), km=int(sm.get("km", 32)),
+                               ks=int(sm.get("ks", 32)))
     raise ConfigError(f"unknown model kind {kind!r} in checkpoint; expected deepmask or sharpmask")
 
 
@@ -140,9 +144,20 @@ def load_model(uri: str, storage_options: Mapping[str, Any] | None = None
     return model, info
 
 
-def model_from_state(kind: str, cfg: DeepMaskConfig, state: Mapping[str, torch.Tensor],
-                     sharpmask: Mapping[str, int] | None = None) -> nn.Module:
-    """Build a model and load ``state`` strictly (used by converters and trainers)."""
-    model = build_model(kind, cfg, sharpmask)
-    model.load_state_dict(dict(state))
-    return model.eval()
+def load_weights(ref: WeightsRef, storage_options: Mapping[str, Any] | None = None
+                 ) -> tuple[nn.Module, CheckpointInfo]:
+    """A DeepMask/SharpMask from a weights reference of kind "checkpoint" (:func:`load_model`) or
+    "t7" (the original's model.t7, converted on load by :mod:`segdist.models.t7`): (model in eval
+    mode on the CPU, what it is, with the sha256 of the file's bytes)."""
+    if ref.kind == "checkpoint":
+        return load_model(ref.uri, storage_options)
+    if ref.kind == "t7":
+        from segdist.models.t7 import load_t7
+
+        converted, sha = load_t7(ref.uri, storage_options)
+        model = converted.model
+        sm = {"km": model.km, "ks": model.ks} if isinstance(model, SharpMask) else None
+        return model, CheckpointInfo(kind=converted.kind, config=model.cfg, sharpmask=sm,
+                                     preset=None, sha256=sha, uri=ref.uri)
+    raise ConfigError(f"model.weights: {ref.kind} weights are not a DeepMask/SharpMask; pass a "
+                      "segdist checkpoint or the original's model.t7")

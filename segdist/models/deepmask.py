@@ -179,7 +179,7 @@ class DeepMask(nn.Module):
         vecs = emb[idx[:, 0], :, idx[:, 1], idx[:, 2]]  # K x fc_dim
         return self.mask_logits(vecs)
 
-    # -- the protocol whole-image inference uses (segdist.models.inference) --------------------
+    # -- the protocol whole-image inference uses (segdist.proposers.dense.pipeline) -----------
     @property
     def mask_size(self) -> int:
         """Side of the mask logits a window yields (o_sz)."""
@@ -207,6 +207,12 @@ class DeepMask(nn.Module):
     def window_masks(self, vecs: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Embedding vectors [K, fc_dim] (+ window extras) -> mask logits [K, o_sz, o_sz]."""
         return self.mask_logits(vecs)
+
+
+def deepmask(*, trunk: str = "resnet50", **settings) -> DeepMask:
+    """An untrained DeepMask with a ``trunk`` ResNet ("resnet50", "resnet34", "resnet18");
+    ``settings``: the other :class:`DeepMaskConfig` fields (layout, i_sz, o_sz, fc_dim, ...)."""
+    return DeepMask(DeepMaskConfig(arch=trunk, **settings))
 
 
 def count_parameters(module: nn.Module) -> int:

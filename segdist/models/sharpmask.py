@@ -116,7 +116,7 @@ class SharpMask(nn.Module):
         vecs = emb[idx[:, 0], :, idx[:, 1], idx[:, 2]]
         return self.refine(vecs, self.windows(hmaps, idx))
 
-    # -- the protocol whole-image inference uses (segdist.models.inference) --------------------
+    # -- the protocol whole-image inference uses (segdist.proposers.dense.pipeline) -----------
     @property
     def mask_size(self) -> int:
         """Side of the mask logits a window yields (i_sz)."""
@@ -172,3 +172,15 @@ def gather_windows(fmap: torch.Tensor, idx: torch.Tensor, step: int, size: int) 
     cols = (c[:, None] + ar)[:, None, :]        # K x 1 x size
     out = fmap.permute(0, 2, 3, 1)[b[:, None, None], rows, cols]  # K x size x size x C
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def sharpmask(*, deepmask: DeepMask | None = None, km: int = 32, ks: int = 32,
+              trunk: str = "resnet50", **settings) -> SharpMask:
+    """An untrained SharpMask refinement on ``deepmask`` (frozen), or on an untrained DeepMask with
+    a ``trunk`` ResNet and the other :class:`~segdist.models.deepmask.DeepMaskConfig` ``settings``
+    when None. km, ks: channels of the vertical and horizontal paths (multiples of 16, equal)."""
+    if deepmask is None:
+        from segdist.models.deepmask import deepmask as build_deepmask
+
+        deepmask = build_deepmask(trunk=trunk, **settings)
+    return SharpMask(deepmask, km=km, ks=ks)

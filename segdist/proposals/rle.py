@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["encode", "encode_with_boxes", "encode_masks", "decode"]
+__all__ = ["encode", "encode_with_boxes", "encode_masks", "encode_boxes", "decode"]
 
 
 def _as_bool_masks(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -192,6 +192,56 @@ def encode(masks: torch.Tensor | np.ndarray) -> list[bytes]:
     Byte-identical to ``pycocotools.mask.encode``; see :func:`encode_with_boxes`.
     """
     return encode_with_boxes(masks)[0]
+
+
+def _value(x: int) -> str:
+    """One differenced count as rleToString writes it (5 bits per character, 0x20 = more)."""
+    chars = []
+    more = True
+    while more:
+        c = x & 0x1F
+        x >>= 5  # arithmetic shift, as the C code's on a long
+        more = x != -1 if c & 0x10 else x != 0
+        chars.append(chr((c | 0x20 if more else c) + 48))
+    return "".join(chars)
+
+
+def encode_boxes(boxes: np.ndarray, height: int, width: int) -> list[bytes]:
+    """Compressed COCO RLE of box-shaped masks, straight from the boxes (no mask is made).
+
+    Args:
+        boxes: int [N, 4] ``(x0, y0, x1, y1)``: the mask is pixel columns x0..x1-1 and rows
+            y0..y1-1, with 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height.
+    Returns:
+        N ASCII ``bytes``, each equal to ``pycocotools.mask.encode`` of that box's mask.
+
+    Column-major, a box's runs are: the zeros before its first pixel, then per column its ``bh``
+    ones and the ``height - bh`` zeros to the next column, then the zeros after it (runs merge into
+    one when the box spans the full height). Differenced two places back (from the fourth count
+    on), every inner run of a box is 0: the string is a few values around a run of '0's.
+    """
+    b = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    bad = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > width) | (b[:, 3] > height) | \
+          (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if bad.any():
+        raise ValueError(f"boxes must satisfy 0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height}; "
+                         f"got {b[bad][0].tolist()}")
+    h = int(height)
+    out = []
+    for x0, y0, x1, y1 in b.tolist():
+        bh, bw = y1 - y0, x1 - x0
+        tail = (width - x1) * h + (h - y1)  # zeros after the box's last pixel
+        if bh == h:  # full-height: the columns' ones are one run
+            runs = [_value(x0 * h), _value(bw * h)] + ([_value(tail)] if tail else [])
+        elif bw == 1:
+            runs = [_value(x0 * h + y0), _value(bh)] + ([_value(tail)] if tail else [])
+        else:
+            gap = h - bh
+            runs = [_value(x0 * h + y0), _value(bh), _value(gap), "0" * (2 * bw - 3)]
+            if tail:
+                runs.append(_value(tail - gap))
+        out.append("".join(runs).encode("ascii"))
+    return out
 
 
 def decode(counts: list[bytes] | list[str], height: int, width: int) -> np.ndarray:

@@ -36,7 +36,7 @@ from torch import nn
 
 from segdist.config import public_dict
 from segdist.errors import ConfigError
-from segdist.models.generator import resolve_device
+from segdist.device import resolve_device
 from segdist.storage import atomic_write, check_writable, join
 from segdist.training import checkpoints as ckpt
 from segdist.training.config import TrainConfig, lr_at_epoch
@@ -76,16 +76,16 @@ class TrainResult:
     history: list[dict]
 
 
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """A fresh DeepMask (trunk from ImageNet weights when configured, else random) or a SharpMask
-    on the frozen DeepMask checkpoint ``cfg.model.deepmask``."""
-    from segdist.models.deepmask import DeepMask, DeepMaskConfig
+def initial_model(cfg: TrainConfig) -> nn.Module:
+    """The model a run starts from: a fresh DeepMask (trunk from ImageNet weights when configured,
+    else random, seeded by the run's seed) or a SharpMask on the frozen DeepMask checkpoint
+    ``cfg.model.deepmask``; built with :mod:`segdist.models`' builders."""
+    from segdist.models.deepmask import DeepMask, deepmask
 
     m = cfg.model
     if m.arch == "deepmask":
         torch.manual_seed(cfg.seed)  # the random initialisation is part of the run's seed
-        model = DeepMask(DeepMaskConfig(arch=m.trunk, layout="torchvision", i_sz=m.i_sz,
-                                        o_sz=m.o_sz))
+        model = deepmask(trunk=m.trunk, layout="torchvision", i_sz=m.i_sz, o_sz=m.o_sz)
         if m.trunk_weights:
             from segdist.models.trunk import load_imagenet_trunk
 
@@ -93,18 +93,18 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             log.info("trunk initialised from %s (sha256 %s)", m.trunk_weights, sha or "-")
         return model
     from segdist.models.checkpoint import load_model
-    from segdist.models.sharpmask import SharpMask
+    from segdist.models.sharpmask import sharpmask
 
-    deepmask, info = load_model(m.deepmask, m.storage_options)
-    deepmask = getattr(deepmask, "deepmask", deepmask)  # a SharpMask checkpoint: its DeepMask
+    frozen, info = load_model(m.deepmask, m.storage_options)
+    frozen = getattr(frozen, "deepmask", frozen)  # a SharpMask checkpoint: its DeepMask
     log.info("SharpMask on the frozen DeepMask %s (sha256 %s)", m.deepmask, info.sha256)
-    if not isinstance(deepmask, DeepMask):
+    if not isinstance(frozen, DeepMask):
         raise ConfigError(f"model.deepmask {m.deepmask} is not a DeepMask checkpoint")
-    if deepmask.cfg.i_sz != m.i_sz or deepmask.cfg.arch != m.trunk:
-        raise ConfigError(f"model.deepmask is a {deepmask.cfg.arch} DeepMask with i_sz "
-                          f"{deepmask.cfg.i_sz}; set model.trunk and model.i_sz to match")
+    if frozen.cfg.i_sz != m.i_sz or frozen.cfg.arch != m.trunk:
+        raise ConfigError(f"model.deepmask is a {frozen.cfg.arch} DeepMask with i_sz "
+                          f"{frozen.cfg.i_sz}; set model.trunk and model.i_sz to match")
     torch.manual_seed(cfg.seed)
-    return SharpMask(deepmask)
+    return sharpmask(deepmask=frozen)
 
 
 def trainable_parameters(model: nn.Module, arch: str) -> list[nn.Parameter]:
@@ -212,7 +212,7 @@ def _fit(cfg: TrainConfig, ctx: TrainContext, *, stop_at_step: int | None,
 
     sampler = make_sampler(cfg.data.train, cfg)
     val_sampler = make_sampler(cfg.data.val, cfg) if cfg.data.val is not None and lead else None
-    model = build_model(cfg).to(ctx.device)
+    model = initial_model(cfg).to(ctx.device)
     optimizer = make_optimizer(trainable_parameters(model, cfg.model.arch), cfg)
 
     start, best, history = 0, None, []

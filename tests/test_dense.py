@@ -1,4 +1,5 @@
-"""Whole-image inference: pyramid, resampling, paste-back geometry, placement, tiling, memory."""
+"""The dense proposer's whole-image pipeline: pyramid, resampling, paste-back geometry, placement,
+tiling, memory; the proposer per preset."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from torch import nn
 
-from segdist.config import ModelConfig
+from segdist.config import model_config
 from segdist.models.deepmask import DeepMask, DeepMaskConfig
-from segdist.models.generator import build_generator
-from segdist.models.inference import (
-    MEAN, STD, InferenceSettings, Level, level_window, paste_masks, plan_tiles, preset_scales,
-    propose_images, pyramid_levels,
-)
 from segdist.models.sharpmask import SharpMask
+from segdist.proposers import build_proposer
+from segdist.proposers.dense.proposer import DenseProposer
+from segdist.proposers.dense.pyramid import MEAN, STD, Level, level_window, plan_tiles, pyramid_levels
+from segdist.proposers.dense.settings import InferenceSettings, preset_scales
+from segdist.proposers.paste import paste_masks
 
 PRESETS = ["deepmask", "deepmask-zoom", "deepmask-zoom2", "sharpmask", "sharpmask-zoom",
            "sharpmask-zoom2"]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def propose_images(model, images, settings):
+    """The dense proposer with ``model`` and ``settings`` on the CPU, ids 0, 1, ..."""
+    proposer = DenseProposer("test", model, settings, device=torch.device("cpu"), batch_size=4,
+                             weights_sha256=None)
+    return proposer(images, list(range(len(images))))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -90,10 +98,9 @@ def test_placement_of_known_objects_across_scales():
     img[(a + b) > 0] = 255
     st = InferenceSettings(scales=(0.5, 1.0), proposals=5)
     (res,) = propose_images(BoxModel(), [img], st)
-    rles = [{"size": [h, w], "counts": c} for c in res.counts]
-    # cell (r, c) is the window centred on level pixel (16r, 16c)
-    assert (res.level[0], res.row[0], res.col[0]) == (1, 7, 17)
-    assert (res.level[1], res.row[1], res.col[1]) == (0, 7, 3)
+    rles = res.rles()
+    # cell (r, c) is the window centred on level pixel (16r, 16c): one cell off would miss by
+    # 16 px (scale 1) or 32 px (scale 0.5)
     assert _iou(rles[0], a) > 0.95 and _iou(rles[1], b) > 0.95
     assert np.abs(res.boxes[0] - [232, 72, 80, 80]).max() <= 2
     assert np.abs(res.boxes[1] - [16, 144, 160, 160]).max() <= 3
@@ -108,7 +115,7 @@ def test_placement_with_max_image_side_keeps_original_frame():
     img[obj > 0] = 255
     st = InferenceSettings(scales=(1.0,), proposals=3, max_image_side=384)
     (res,) = propose_images(BoxModel(), [img], st)
-    rle = {"size": [h, w], "counts": res.counts[0]}
+    rle = res.rles()[0]
     assert mask_utils.decode(rle).shape == (h, w)
     assert _iou(rle, obj) > 0.95
     assert np.abs(res.boxes[0] - [464, 144, 160, 160]).max() <= 3
@@ -186,7 +193,7 @@ def test_paste_masks_equals_resize_then_paste():
 
 
 # -------------------------------------------------------------------------------------------------
-# Real models: tiling, the generator per preset
+# Real models: tiling, the proposer per preset
 
 
 @pytest.fixture(scope="module")
@@ -211,17 +218,16 @@ def test_tiled_equals_untiled(models18, which):
     assert any(t.x0 > 0 for t in tiles) and any(t.x1 < wp for t in tiles)
     (r1,) = propose_images(model, [img], one)
     (r2,) = propose_images(model, [img], tiled)
-    assert np.array_equal(r1.row, r2.row) and np.array_equal(r1.col, r2.col)
     assert np.allclose(r1.scores, r2.scores, atol=1e-5)
-    assert r1.counts == r2.counts
+    assert r1.counts == r2.counts and np.array_equal(r1.boxes, r2.boxes)
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_generator_per_preset(name):
+def test_proposer_per_preset(name):
     h, w = 64, 80
     img = np.random.default_rng(3).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    gen = build_generator(ModelConfig(name=name, trunk="resnet18", proposals=25, device="cpu"))
-    assert gen.weights_sha256 is None and gen.device.type == "cpu"
+    gen = build_proposer(model_config(name=name, trunk="resnet18", proposals=25, device="cpu"))
+    assert gen.weights_sha256 is None and gen.device == "cpu"
     (p,) = gen([img], [7])
     assert p.image_id == 7 and p.model == name and (p.height, p.width) == (h, w)
     assert len(p) == 25 and np.all(np.diff(p.scores) <= 0)
@@ -236,18 +242,18 @@ def test_generator_per_preset(name):
 def test_fewer_windows_than_k_returns_all():
     h, w = 40, 48
     img = np.zeros((h, w, 3), np.uint8)
-    cfg = ModelConfig(name="deepmask", trunk="resnet18", proposals=1000, device="cpu")
-    (p,) = build_generator(cfg)([img], [1])
+    cfg = model_config(name="deepmask", trunk="resnet18", proposals=1000, device="cpu")
+    (p,) = build_proposer(cfg)([img], [1])
     levels = pyramid_levels(h, w, InferenceSettings(scales=preset_scales("deepmask")))
     n = sum((math.ceil((lv.height + 160) / 16) - 9) * (math.ceil((lv.width + 160) / 16) - 9)
             for lv in levels)
     assert len(p) == n < 1000
 
 
-def test_generator_batches_mixed_sizes_in_input_order():
+def test_proposer_batches_mixed_sizes_in_input_order():
     rng = np.random.default_rng(4)
     imgs = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(48, 64, 3), (64, 48, 3), (48, 64, 3)]]
-    gen = build_generator(ModelConfig(name="deepmask", trunk="resnet18", proposals=10,
+    gen = build_proposer(model_config(name="deepmask", trunk="resnet18", proposals=10,
                                       device="cpu", batch_size=2))
     out = gen(imgs, [10, 11, 12])
     assert [p.image_id for p in out] == [10, 11, 12]
@@ -264,7 +270,7 @@ def test_generator_batches_mixed_sizes_in_input_order():
 def test_cuda_precision_within_tolerance(precision):
     img = np.random.default_rng(5).integers(0, 255, (240, 320, 3), dtype=np.uint8)
     base = dict(name="sharpmask", trunk="resnet18", proposals=50, device="cuda")
-    ref = build_generator(ModelConfig(**base))([img], [1])[0]
-    low = build_generator(ModelConfig(**base, precision=precision, channels_last=True))([img], [1])[0]
+    ref = build_proposer(model_config(**base))([img], [1])[0]
+    low = build_proposer(model_config(**base, precision=precision, channels_last=True))([img], [1])[0]
     # tolerance stated in docs/models.md: scores within 0.02 (probabilities) at the same rank
     assert np.abs(ref.scores - low.scores).max() < 0.02

@@ -1,0 +1,105 @@
+"""Paste-back: per-window mask values into the image frame, binarised (shared by every proposer
+that predicts masks on a small grid: DeepMask/SharpMask windows, Mask R-CNN's 28 x 28 boxes).
+
+:func:`paste_masks` is the one op: K grids of o x o values, each covering a window of the image
+(top-left and size in image pixels, fractional), resized bilinearly (align_corners=False: pixel
+(y, x) of the image takes the value sampled at its centre (y + .5, x + .5)) and thresholded, written
+into a bool canvas. Only each window's span of the canvas is computed, as two small matrix products
+per mask (rows, then columns), so the cost is K x window size, not K x image size.
+:func:`paste_in_boxes` is torchvision's Mask R-CNN geometry expressed through it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _axis_matrix(starts: torch.Tensor, origin: torch.Tensor, extent: torch.Tensor, n_out: int,
+                 limit: int, o: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interpolation matrices [K, n_out, o] and validity [K, n_out] for output pixels
+    starts[k] + j (j < n_out) of windows [origin, origin + extent) (float64 [K]) sampled from o
+    cells with F.interpolate's align_corners=False convention (edge cells extend to the border)."""
+    dev = starts.device
+    pix = starts[:, None] + torch.arange(n_out, device=dev)           # K x n_out
+    centre = pix.double() + 0.5
+    org, ext = origin[:, None], extent[:, None]
+    valid = (centre >= org) & (centre < org + ext) & (pix >= 0) & (pix < limit)
+    u = ((centre - org) * (o / ext) - 0.5).clamp(0, o - 1)
+    i0 = u.floor().long()
+    i1 = (i0 + 1).clamp(max=o - 1)
+    w1 = (u - i0.double()).float()
+    m = torch.zeros(len(starts), n_out, o, device=dev)
+    m.scatter_add_(2, i0[..., None], (1 - w1)[..., None])
+    m.scatter_add_(2, i1[..., None], w1[..., None])
+    return m, valid
+
+
+def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
+                win_h: float | torch.Tensor, win_w: float | torch.Tensor, height: int, width: int,
+                thr_logit: float,
+                out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
+    """Binarised masks in the image frame.
+
+    Args:
+        logits: float32 [K, o, o] per-window values (logits; Mask R-CNN passes probabilities),
+            each covering its window (row-major, rows = y).
+        tops, lefts: float64 [K], window top-left in image pixels (may be negative).
+        win_h, win_w: window size in image pixels: a float (same for all K) or float64 [K].
+        height, width: image size.
+        thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
+        out, index: optionally a zeroed bool canvas [N, height, width] and int64 [K] slots of it
+            to write into (avoids a second full-resolution copy).
+    Returns:
+        bool [K, height, width] (or ``out``, with the K masks written at ``index``).
+    """
+    k, o = logits.shape[0], logits.shape[-1]
+    dev = logits.device
+    if out is None:
+        out = torch.zeros(k, height, width, dtype=torch.bool, device=dev)
+        index = torch.arange(k, device=dev)
+    if k == 0:
+        return out
+    win_h = torch.as_tensor(win_h, dtype=torch.float64, device=dev).expand(k)
+    win_w = torch.as_tensor(win_w, dtype=torch.float64, device=dev).expand(k)
+    ny = min(math.ceil(float(win_h.max())) + 1, height)
+    nx = min(math.ceil(float(win_w.max())) + 1, width)
+    # first pixel whose centre is inside the window, shifted so the span stays in the image:
+    # then every written index is in range and unique per mask (no clamping, no collisions)
+    sy = torch.ceil(tops - 0.5).long().clamp(0, height - ny)
+    sx = torch.ceil(lefts - 0.5).long().clamp(0, width - nx)
+    my, vy = _axis_matrix(sy, tops, win_h, ny, height, o)
+    mx, vx = _axis_matrix(sx, lefts, win_w, nx, width, o)
+    vals = my @ logits.float() @ mx.transpose(1, 2)                   # K x ny x nx
+    on = (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
+    del vals
+    rows = (sy[:, None] + torch.arange(ny, device=dev))[:, :, None]   # K x ny x 1
+    cols = (sx[:, None] + torch.arange(nx, device=dev))[:, None, :]   # K x 1 x nx
+    out.index_put_((index[:, None, None], rows, cols), on)
+    return out
+
+
+def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:
+    """torchvision's paste geometry: boxes grown by one mask cell per side, truncated to int."""
+    scale = (m + 2) / m
+    w_half = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    h_half = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    x_c = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    y_c = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1).long()
+
+
+def paste_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+                         threshold: float = 0.5) -> torch.Tensor:
+    """Mask R-CNN mask probabilities [K, M, M] in boxes xyxy [K, 4] (image px) -> bool [K, H, W].
+
+    Same geometry as torchvision's ``paste_masks_in_image`` (mask padded by one zero cell, box
+    expanded to match, rounded to integer pixels, bilinear resize), all K masks at once.
+    """
+    m = probs.shape[-1]
+    padded = torch.nn.functional.pad(probs.float(), (1, 1, 1, 1))   # K x (M+2) x (M+2)
+    ib = _expanded_int_boxes(boxes, m)
+    w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1).double()
+    h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1).double()
+    return paste_masks(padded, ib[:, 1].double(), ib[:, 0].double(), h, w, height, width, threshold)

@@ -1,0 +1,84 @@
+"""Fault injection for the job's tests: a proposer that kills or stalls its worker process when it
+meets a chosen image, installed in place of a real preset's builder.
+
+It lives in the tests, not in segdist: the job has no fault hook. A test puts
+``FaultyBuilder(Fault(...))`` into ``segdist.proposers.PROPOSERS`` under the preset it runs; the
+driver ships that builder to its workers (which import this module: tests/ is on their path, see
+conftest.py), and the wrapped proposer runs the real one, so the files equal a clean run's.
+
+- ``exit``: the worker process ends itself (``os._exit``) in the model call on that image;
+- ``hang``: it stalls forever there (holding the worker's model lock, as a hung GPU call would).
+With a ``marker`` path only the attempt that creates the marker fires (exactly one, whatever the
+race between workers): the retry goes through.
+
+Run as a driver: ``python -c "import fault_proposer; fault_proposer.main()" ACTION IMAGE_ID
+[MARKER] -- segdist CLI arguments...`` installs the fault over ``deepmask`` and runs the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from segdist.proposals.types import ImageProposals
+from segdist.proposers import PROPOSERS, dense
+from segdist.proposers.dense import DenseConfig
+
+
+@dataclass(frozen=True)
+class Fault:
+    action: str  # "exit" or "hang"
+    image_id: int
+    marker: str | None = None
+
+    def fire(self) -> None:
+        if self.marker is not None:
+            try:
+                # O_EXCL: exactly one attempt wins the marker, however many workers race for it.
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return
+        if self.action == "exit":
+            os._exit(17)
+        while True:
+            time.sleep(3600)
+
+
+class FaultyProposer:
+    """The dense proposer, firing ``fault`` after it ran on a batch holding the fault's image."""
+
+    def __init__(self, inner, fault: Fault):
+        self.inner, self.fault = inner, fault
+        self.name, self.weights_sha256, self.device = inner.name, inner.weights_sha256, inner.device
+
+    def __call__(self, images: Sequence[np.ndarray], image_ids: Sequence[int]) -> list[ImageProposals]:
+        out = self.inner(images, image_ids)
+        if self.fault.image_id in image_ids:
+            self.fault.fire()
+        return out
+
+
+@dataclass(frozen=True)
+class FaultyBuilder:
+    """A builder for PROPOSERS: the dense builder's proposer, wrapped with ``fault``."""
+
+    fault: Fault
+
+    def __call__(self, config: DenseConfig) -> FaultyProposer:
+        return FaultyProposer(dense.build(config), self.fault)
+
+
+def main() -> None:
+    """A driver process with a fault installed (see the module docstring)."""
+    from segdist.cli import main as cli_main
+
+    argv = sys.argv[1:]
+    split = argv.index("--")
+    action, image_id, *marker = argv[:split]
+    PROPOSERS["deepmask"] = FaultyBuilder(Fault(action, int(image_id), marker[0] if marker else None))
+    sys.exit(cli_main(argv[split + 1:]))
