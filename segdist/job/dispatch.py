@@ -72,6 +72,29 @@ class _Slot:
     head_since: float = 0.0  # since when order[0] is the oldest (the one the timeout clocks)
 
 
+@dataclass
+class _Run:
+    """The state of one :meth:`Dispatcher.run`: the queue and what each chunk and ref is at."""
+
+    specs: dict[int, ChunkSpec]
+    queue: deque[int] = field(default_factory=deque)
+    solo: set[int] = field(default_factory=set)  # chunks to retry alone on a worker
+    attempts: dict[int, int] = field(default_factory=dict)
+    errors: dict[int, list[str]] = field(default_factory=dict)
+    done: dict[int, ChunkRecord] = field(default_factory=dict)
+    failed: dict[int, ChunkFailure] = field(default_factory=dict)
+    info_refs: dict[Any, tuple[_Slot, int]] = field(default_factory=dict)  # ref -> (slot, generation)
+    task_refs: dict[Any, tuple[_Slot, int, int]] = field(default_factory=dict)  # ... chunk index
+    started: float = field(default_factory=time.monotonic)
+    last_wait_log: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.queue.extend(self.specs)
+        self.attempts = {i: 0 for i in self.specs}
+        self.errors = {i: [] for i in self.specs}
+        self.last_wait_log = self.started
+
+
 def _short(exc: BaseException) -> str:
     """The first lines of an error, without Ray's long traceback wrapping."""
     if isinstance(exc, RayTaskError) and exc.cause is not None:
@@ -165,123 +188,132 @@ class Dispatcher:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self, chunks: Sequence[ChunkSpec]) -> tuple[dict[int, ChunkRecord], dict[int, ChunkFailure]]:
-        """Process ``chunks``; returns ``(records by index, failures by index)``."""
-        specs = {c.index: c for c in chunks}
-        queue: deque[int] = deque(specs)
-        solo: set[int] = set()
-        attempts: dict[int, int] = {i: 0 for i in specs}
-        errors: dict[int, list[str]] = {i: [] for i in specs}
-        done: dict[int, ChunkRecord] = {}
-        failed: dict[int, ChunkFailure] = {}
-        info_refs: dict[Any, tuple[_Slot, int]] = {}
-        task_refs: dict[Any, tuple[_Slot, int, int]] = {}  # ref -> (slot, generation, chunk)
-        if not queue:
-            return done, failed
-        self._slots = [_Slot(n) for n in range(min(self.num_workers, len(queue)))]
+        """Process ``chunks``; returns ``(records by index, failures by index)``.
+
+        Each round: kill timed-out workers, hand out queued chunks, give up on the queue if every
+        slot is retired, wait for one result (a worker's info or a chunk's), take it in.
+        """
+        run = _Run({c.index: c for c in chunks})
+        if not run.queue:
+            return run.done, run.failed
+        self._slots = [_Slot(n) for n in range(min(self.num_workers, len(run.queue)))]
         for slot in self._slots:
-            self._start(slot, info_refs)
-        waiting_since = time.monotonic()
-        last_wait_log = waiting_since
-
-        def attempt_failed(index: int, error: str) -> None:
-            attempts[index] += 1
-            errors[index].append(error)
-            self.stats.attempts_failed += 1
-            final = attempts[index] >= self.max_chunk_attempts
-            if final:
-                failed[index] = ChunkFailure(index, attempts[index], list(errors[index]))
-            else:
-                queue.append(index)
-            if self.on_failed_attempt:
-                self.on_failed_attempt(index, error, final)
-
+            self._start(slot, run.info_refs)
         try:
-            while queue or task_refs:
+            while run.queue or run.task_refs:
                 if self.chunk_timeout_s is not None:  # after the last results were taken in
-                    self._kill_timed_out(task_refs, info_refs, queue, attempt_failed)
-                # Hand out work: solo chunks only to an idle worker, which then takes nothing else.
-                for slot in self._slots:
-                    while slot.ready and not slot.retired and not slot.solo and queue \
-                            and len(slot.inflight) < self.depth:
-                        index = queue[0]
-                        if index in solo:
-                            if slot.inflight:
-                                break
-                            slot.solo = True
-                        queue.popleft()
-                        slot.inflight.add(index)
-                        ref = slot.actor.process_chunk.remote(index, specs[index].records,
-                                                              attempts[index] + 1)
-                        task_refs[ref] = (slot, slot.generation, index)
-                        if not slot.order:
-                            slot.head_since = time.monotonic()
-                        slot.order.append(ref)
+                    self._kill_timed_out(run)
+                self._hand_out(run)
                 if all(s.retired for s in self._slots):
-                    for index in list(queue):
-                        attempts[index] = max(attempts[index], 1)
-                        failed[index] = ChunkFailure(index, attempts[index], errors[index] + [
-                            "no workers left: every worker died more than "
-                            f"resources.max_actor_restarts={self.max_replacements} times in a row; "
-                            f"the last: {self._last_loss}"])
-                    queue.clear()
-                    if not task_refs:
+                    self._fail_queue(run)
+                    if not run.task_refs:
                         break
-                pending = list(task_refs) + list(info_refs)
+                pending = list(run.task_refs) + list(run.info_refs)
                 if not pending:
                     break
                 ready, _ = ray.wait(pending, num_returns=1, timeout=self.tick_seconds)
                 if self.on_tick:
                     self.on_tick()
                 if not any(s.ready for s in self._slots) and not ready:
-                    now = time.monotonic()
-                    if now - last_wait_log > 60:
-                        last_wait_log = now
-                        log.warning("no worker ready after %.0f s; cluster resources: %s (each worker "
-                                    "needs %s)", now - waiting_since, ray.available_resources(),
-                                    {k: self.actor_options.get(k) for k in ("num_gpus", "num_cpus")})
+                    self._log_waiting(run)
                 for ref in ready:
-                    if ref in info_refs:
-                        self._handle_info(ref, info_refs)
-                        continue
-                    slot, generation, index = task_refs.pop(ref)
-                    current = generation == slot.generation
-                    if current:
-                        slot.inflight.discard(index)
-                        if slot.order and slot.order[0] == ref:
-                            slot.head_since = time.monotonic()
-                        slot.order = [r for r in slot.order if r != ref]
-                    try:
-                        record = ray.get(ref)
-                    except RayTaskError as exc:  # the chunk failed, the worker is fine
-                        if current and slot.solo and not slot.inflight:
-                            slot.solo = False
-                        attempt_failed(index, _short(exc))
-                        continue
-                    except RayError as exc:  # the worker died with the chunk
-                        if current:
-                            lost_with = slot.inflight | {index}
-                            if len(lost_with) > 1:
-                                solo.update(lost_with)
-                            # The other chunks of this actor fail too; count them as they arrive.
-                            self._worker_lost(slot, _short(exc), info_refs)
-                        attempt_failed(index, _short(exc))
-                        continue
-                    if current and slot.solo and not slot.inflight:
-                        slot.solo = False
-                    if current:
-                        # The budget counts consecutive losses: a long run on preemptible nodes may
-                        # lose many workers over a day, and a slot that makes progress is healthy.
-                        slot.replacements = 0
-                    solo.discard(index)
-                    done[index] = record
-                    if self.on_done:
-                        self.on_done(record)
+                    if ref in run.info_refs:
+                        self._handle_info(ref, run.info_refs)
+                    else:
+                        self._take_result(run, ref)
         finally:
             self.shutdown()
-        return done, failed
+        return run.done, run.failed
 
-    def _kill_timed_out(self, task_refs: dict, info_refs: dict, queue: deque,
-                        attempt_failed: Callable[[int, str], None]) -> None:
+    def _attempt_failed(self, run: _Run, index: int, error: str) -> None:
+        """Count a failed attempt of chunk ``index``: requeue it, or give up after the last."""
+        run.attempts[index] += 1
+        run.errors[index].append(error)
+        self.stats.attempts_failed += 1
+        final = run.attempts[index] >= self.max_chunk_attempts
+        if final:
+            run.failed[index] = ChunkFailure(index, run.attempts[index], list(run.errors[index]))
+        else:
+            run.queue.append(index)
+        if self.on_failed_attempt:
+            self.on_failed_attempt(index, error, final)
+
+    def _hand_out(self, run: _Run) -> None:
+        """Queued chunks to ready workers with room; a solo chunk only to an idle worker, which
+        then takes nothing else."""
+        for slot in self._slots:
+            while slot.ready and not slot.retired and not slot.solo and run.queue \
+                    and len(slot.inflight) < self.depth:
+                index = run.queue[0]
+                if index in run.solo:
+                    if slot.inflight:
+                        break
+                    slot.solo = True
+                run.queue.popleft()
+                slot.inflight.add(index)
+                ref = slot.actor.process_chunk.remote(index, run.specs[index].records,
+                                                      run.attempts[index] + 1)
+                run.task_refs[ref] = (slot, slot.generation, index)
+                if not slot.order:
+                    slot.head_since = time.monotonic()
+                slot.order.append(ref)
+
+    def _fail_queue(self, run: _Run) -> None:
+        """Every slot is retired: the queued chunks fail (chunks in flight still report)."""
+        for index in list(run.queue):
+            run.attempts[index] = max(run.attempts[index], 1)
+            run.failed[index] = ChunkFailure(index, run.attempts[index], run.errors[index] + [
+                "no workers left: every worker died more than "
+                f"resources.max_actor_restarts={self.max_replacements} times in a row; "
+                f"the last: {self._last_loss}"])
+        run.queue.clear()
+
+    def _log_waiting(self, run: _Run) -> None:
+        """No worker is ready yet: say so once a minute, with what the cluster has."""
+        now = time.monotonic()
+        if now - run.last_wait_log > 60:
+            run.last_wait_log = now
+            log.warning("no worker ready after %.0f s; cluster resources: %s (each worker needs %s)",
+                        now - run.started, ray.available_resources(),
+                        {k: self.actor_options.get(k) for k in ("num_gpus", "num_cpus")})
+
+    def _take_result(self, run: _Run, ref: Any) -> None:
+        """A chunk's task finished: its record, a failed attempt, or its worker's death."""
+        slot, generation, index = run.task_refs.pop(ref)
+        current = generation == slot.generation
+        if current:
+            slot.inflight.discard(index)
+            if slot.order and slot.order[0] == ref:
+                slot.head_since = time.monotonic()
+            slot.order = [r for r in slot.order if r != ref]
+        try:
+            record = ray.get(ref)
+        except RayTaskError as exc:  # the chunk failed, the worker is fine
+            if current and slot.solo and not slot.inflight:
+                slot.solo = False
+            self._attempt_failed(run, index, _short(exc))
+            return
+        except RayError as exc:  # the worker died with the chunk
+            if current:
+                lost_with = slot.inflight | {index}
+                if len(lost_with) > 1:
+                    run.solo.update(lost_with)
+                # The other chunks of this actor fail too; count them as they arrive.
+                self._worker_lost(slot, _short(exc), run.info_refs)
+            self._attempt_failed(run, index, _short(exc))
+            return
+        if current and slot.solo and not slot.inflight:
+            slot.solo = False
+        if current:
+            # The budget counts consecutive losses: a long run on preemptible nodes may lose many
+            # workers over a day, and a slot that makes progress is healthy.
+            slot.replacements = 0
+        run.solo.discard(index)
+        run.done[index] = record
+        if self.on_done:
+            self.on_done(record)
+
+    def _kill_timed_out(self, run: _Run) -> None:
         """Kill and replace each worker whose oldest chunk has run past ``chunk_timeout_s``.
 
         The worker's oldest chunk gets a failed attempt; the others it held go back to the front
@@ -291,17 +323,17 @@ class Dispatcher:
         for slot in self._slots:
             if not slot.order or now - slot.head_since <= self.chunk_timeout_s:
                 continue
-            hung = task_refs[slot.order[0]][2]
+            hung = run.task_refs[slot.order[0]][2]
             for ref in slot.order:
-                _, _, index = task_refs.pop(ref)
+                _, _, index = run.task_refs.pop(ref)
                 if index != hung:
-                    queue.appendleft(index)
+                    run.queue.appendleft(index)
             reason = (f"chunk {hung} timed out after {now - slot.head_since:.0f} s "
                       f"(resources.chunk_timeout_s={self.chunk_timeout_s:g})")
             slot.order = []
             slot.inflight = set()
-            self._worker_lost(slot, reason, info_refs)
-            attempt_failed(hung, reason)
+            self._worker_lost(slot, reason, run.info_refs)
+            self._attempt_failed(run, hung, reason)
 
     def _handle_info(self, ref, info_refs: dict) -> None:
         slot, generation = info_refs.pop(ref)
