@@ -195,14 +195,10 @@ def _area(ann: dict[str, Any], height: int, width: int, uri: str) -> float:
     if seg:
         from pycocotools import mask as mask_utils
 
+        from segdist.data.masks import segmentation_to_rle
+
         try:
-            if isinstance(seg, list):  # polygons
-                rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-            elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-                rle = mask_utils.frPyObjects(seg, height, width)
-            else:
-                rle = seg
-            return float(mask_utils.area(rle))
+            return float(mask_utils.area(segmentation_to_rle(seg, height, width)))
         except (TypeError, ValueError, AttributeError, KeyError) as exc:
             raise DatasetError(f"{uri}: annotation id {ann['id']}: unreadable 'segmentation' "
                                f"({exc})") from None

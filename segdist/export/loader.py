@@ -91,23 +91,10 @@ class LazyMasks:
 
     def rles(self, indices: Sequence[int] | None = None) -> list[dict[str, Any]]:
         """pycocotools compressed RLE dicts of the chosen masks (all by default)."""
-        from pycocotools import mask as mask_utils
+        from segdist.data.masks import segmentation_to_rle
 
-        h, w = self.height, self.width
         chosen = self.items if indices is None else [self.items[i] for i in indices]
-        out = []
-        for item in chosen:
-            if isinstance(item, (bytes, str)):
-                out.append({"size": [h, w], "counts": item})
-            elif isinstance(item, list) and not item:  # no segmentation given: empty mask
-                out.append(mask_utils.encode(np.zeros((h, w, 1), np.uint8, order="F"))[0])
-            elif isinstance(item, list):  # polygons
-                out.append(mask_utils.merge(mask_utils.frPyObjects(item, h, w)))
-            elif isinstance(item.get("counts"), list):  # uncompressed RLE
-                out.append(mask_utils.frPyObjects(item, h, w))
-            else:
-                out.append(item)
-        return out
+        return [segmentation_to_rle(item, self.height, self.width) for item in chosen]
 
     def decode(self, indices: Sequence[int] | None = None) -> torch.Tensor:
         """bool Tensor[K, H, W] of the chosen masks (all by default)."""

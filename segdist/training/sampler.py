@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from segdist.data.masks import segmentation_to_rle
 from segdist.data.records import Dataset
 from segdist.errors import SegdistError
 from segdist.imageio import DEFAULT_MAX_PIXELS
@@ -143,13 +144,7 @@ class PatchSampler:
         """Binary mask of ``obj`` as uint8 Tensor[1, H, W] (1 = object) at the image's size."""
         rec = self.records[obj.image_index]
         seg = self.anns[obj.ann_index]["segmentation"]
-        h, w = rec.height, rec.width
-        if isinstance(seg, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
-        elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(seg, h, w)
-        else:
-            rle = seg
+        rle = segmentation_to_rle(seg, rec.height, rec.width)
         return torch.from_numpy(mask_utils.decode(rle)).unsqueeze(0)
 
     def _window(self, image_index: int, xc: float, yc: float, side: float) -> torch.Tensor:
