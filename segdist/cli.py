@@ -1,8 +1,10 @@
 """The ``segdist`` command line: one module per subcommand under ``segdist.commands``.
 
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only when their command runs, so ``segdist --help`` does not import torch or
-ray. A :class:`~segdist.errors.SegdistError` becomes one clear message on stderr and exit code 2.
+Command modules import their heavy dependencies inside ``add_arguments``/``run``, so importing them
+all (for their ``HELP``, the one source of each command's help line) leaves ``segdist --help``
+free of torch and ray. A :class:`~segdist.errors.SegdistError` becomes one clear message on stderr
+and exit code 2.
 """
 
 from __future__ import annotations
@@ -30,21 +32,6 @@ COMMANDS = {
     "bench": "bench",
 }
 
-_HELP_FALLBACK = {
-    "demo": "whole pipeline on a synthetic dataset: train, generate, evaluate, compare",
-    "sample-data": "write a deterministic synthetic COCO or VOC dataset",
-    "generate": "precompute proposals for a dataset (the Ray job)",
-    "submit": "submit a generate/evaluate/train run to a Ray cluster through the Jobs API",
-    "jobs": "status, logs or stop of a submitted job",
-    "evaluate": "average recall of proposals (sharded, exact), with a report and plots",
-    "train": "train DeepMask or SharpMask (Ray Train)",
-    "export": "export proposals for Detectron2, MMDetection or the original layout",
-    "show": "draw the top proposals over an image",
-    "convert-t7": "convert an original DeepMask/SharpMask model.t7 to a segdist checkpoint",
-    "bench": "images/s and peak memory per model preset",
-}
-
-
 def _load(name: str):
     return importlib.import_module(f"segdist.commands.{COMMANDS[name]}")
 
@@ -59,13 +46,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name in COMMANDS:
-        if name == chosen:
-            mod = _load(name)
+        mod = _load(name)
+        if name == chosen:  # only the chosen command's arguments (they may import more)
             p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
             mod.add_arguments(p)
             p.set_defaults(_run=mod.run)
         else:
-            sub.add_parser(name, help=_HELP_FALLBACK[name], add_help=False)
+            sub.add_parser(name, help=mod.HELP, add_help=False)
     return parser
 
 
