@@ -2,5 +2,7 @@
 
 - ``loader``: ``ProposalDataset`` (image, GT, top-k proposals per image) for training loops.
 - ``detectron2``, ``mmdet``, ``original``: exports, streamed chunk by chunk.
-- ``fast_rcnn``: a small Fast R-CNN box head trained on our proposals (the end-to-end example).
+
+A small Fast R-CNN box head trained on our proposals (the end-to-end example) is
+``examples/fast_rcnn.py``.
 """

@@ -1,27 +1,42 @@
-"""The consumption path end to end: a small Fast R-CNN box head trained on precomputed proposals.
+"""Example: the consumption path end to end, a small Fast R-CNN box head trained on precomputed
+proposals.
+
+    segdist sample-data --out /tmp/sample --images 32
+    segdist generate configs/<your run>.yaml          # proposals under OUT
+    python examples/fast_rcnn.py --proposals OUT \
+        --annotations /tmp/sample/annotations/instances_all.json --images /tmp/sample/images
 
 Fast R-CNN is Faster R-CNN without the RPN: region proposals come from elsewhere. Here they come
 from a segdist run through :class:`~segdist.export.loader.ProposalDataset`, and torchvision's
 ``RoIHeads`` (RoIAlign, a two-layer MLP head, class scores and box regression) trains on them. The
 backbone is a tiny randomly initialised CNN so the example runs in seconds on a CPU; a real
 detector would put a pretrained ResNet-FPN there, nothing else changes.
+
+Prints the loss of every iteration and, at the end, the first and last five averaged. The
+repository root is put on sys.path so that ``segdist`` imports without installation.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-from torch import nn
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from segdist.data.records import Dataset
-from segdist.errors import SegdistError
-from segdist.export.loader import ProposalDataset, collate
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead  # noqa: E402
+from torchvision.models.detection.roi_heads import RoIHeads  # noqa: E402
+from torchvision.ops import MultiScaleRoIAlign  # noqa: E402
+
+from segdist.data.records import Dataset  # noqa: E402
+from segdist.errors import SegdistError  # noqa: E402
+from segdist.export.loader import ProposalDataset, collate  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +146,31 @@ def train_fast_rcnn(proposals_uri: str, dataset: Dataset, *, iterations: int = 3
             if not losses:
                 raise SegdistError("no image with non-crowd ground truth to train on")
     return TrainResult(losses, model, category_ids)
+
+
+def main(argv=None) -> int:
+    from segdist.data.coco import load_coco
+
+    parser = argparse.ArgumentParser(description="train a small Fast R-CNN box head on proposals")
+    parser.add_argument("--proposals", required=True, help="proposals URI (a segdist output)")
+    parser.add_argument("--annotations", required=True, help="COCO instances JSON URI")
+    parser.add_argument("--images", required=True, help="image folder URI")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--top-k", type=int, default=300)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    dataset = load_coco(args.annotations, args.images)
+    result = train_fast_rcnn(args.proposals, dataset, iterations=args.iterations,
+                             batch_size=args.batch_size, top_k=args.top_k,
+                             num_workers=args.workers)
+    n = min(5, len(result.losses))
+    print(json.dumps({"iterations": len(result.losses),
+                      "first_loss": sum(result.losses[:n]) / n,
+                      "last_loss": sum(result.losses[-n:]) / n}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
-"""Benchmark (not a test): the job's images/s against the bare generator loop, same images, device.
+"""Benchmark (not a test): the job's images/s against the bare proposer loop, same images, device.
 
-    python -m segdist.job.benchmark --images 48 --chunk-size 8 --threads 2 --model deepmask
+    python benchmarks/job.py --images 48 --chunk-size 8 --threads 2 --model deepmask
 
-The bare loop is what one process does without the job: decode each image, then run the generator
+The bare loop is what one process does without the job: decode each image, then run the proposer
 on batches, in one thread, writing nothing. The job adds Ray, decode-ahead threads, chunk encoding
 (COCO-JSON + Parquet) and atomic writes, and records. Its steady-state rate is images divided by the
 time from the first worker being ready (model loaded) to the last chunk committed, so that both
@@ -16,21 +16,24 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # segdist
+
 
 def bare_loop(cfg, threads: int) -> tuple[float, float, int]:
-    """(wall seconds, CPU seconds incl. the model load, images): decode + generator, one process."""
+    """(wall seconds, CPU seconds incl. the model load, images): decode + proposer, one process."""
     import torch
 
     from segdist.data import load_dataset
     from segdist.imageio import read_image
-    from segdist.models.generator import build_generator
+    from segdist.proposers import build_proposer
 
     torch.set_num_threads(threads)
     c0 = time.process_time()
-    gen = build_generator(cfg.model)
+    gen = build_proposer(cfg.model)
     ds = load_dataset(cfg.dataset)
     bs = cfg.model.batch_size
     t0 = time.perf_counter()
@@ -106,6 +109,7 @@ def main() -> None:
     from segdist.config import JobConfig, validate
     from segdist.data.synthetic import make_synthetic
     from segdist.job.driver import run_job
+    from segdist.proposers import config_class
 
     work = tempfile.mkdtemp(prefix="segdist-bench-")
     try:
@@ -114,12 +118,15 @@ def main() -> None:
         base = {
             "dataset": {"annotations": f"{work}/data/annotations/instances_all.json",
                         "images": f"{work}/data/images"},
-            "model": {"name": args.model, "trunk": args.trunk, "proposals": args.proposals,
+            "model": {"name": args.model, "proposals": args.proposals,
                       "batch_size": args.batch_size, "device": "cpu"},
             "output": {"uri": f"{work}/out", "chunk_size": args.chunk_size},
             "resources": {"num_workers": 1, "cpus_per_worker": args.threads, "decode_threads": 2},
         }
-        if args.scales:
+        family = config_class(args.model).model_fields  # the options this model has
+        if "trunk" in family:
+            base["model"]["trunk"] = args.trunk
+        if args.scales and "scales" in family:
             lo, hi, step = (float(x) for x in args.scales.split(","))
             base["model"]["scales"] = {"min": lo, "max": hi, "step": step}
         cfg = validate(JobConfig, base)
