@@ -150,6 +150,26 @@ def test_cuda_equals_pycocotools():
 # Benchmark (not collected by pytest): python tests/test_rle.py
 
 
+@pytest.mark.parametrize("height,width", [(1, 1), (1, 9), (9, 1), (7, 11), (40, 56), (300, 2)])
+def test_encode_boxes_equals_pycocotools(height, width):
+    from segdist.proposals.rle import encode_boxes
+
+    rng = np.random.default_rng(height * 1000 + width)
+    boxes = []
+    for _ in range(200):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        boxes.append((x0, y0, rng.integers(x0 + 1, width + 1), rng.integers(y0 + 1, height + 1)))
+    boxes += [(0, 0, width, height), (0, 0, 1, 1), (width - 1, height - 1, width, height),
+              (0, 0, width, 1), (0, height - 1, width, height), (0, 0, 1, height),
+              (width - 1, 0, width, height)]  # full, corners, full rows and columns
+    masks = np.zeros((height, width, len(boxes)), np.uint8, order="F")
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        masks[y0:y1, x0:x1, i] = 1
+    assert encode_boxes(np.array(boxes), height, width) == [r["counts"] for r in mask_utils.encode(masks)]
+    with pytest.raises(ValueError, match="0 <= x0 < x1"):
+        encode_boxes(np.array([[0, 0, 0, 1]]), height, width)
+
+
 def _compress_via_pycocotools(diff_free_counts: list[np.ndarray], h: int, w: int) -> list[bytes]:
     rles = mask_utils.frPyObjects([{"size": [h, w], "counts": c.tolist()} for c in diff_free_counts], h, w)
     return [r["counts"] for r in rles]
@@ -243,3 +263,4 @@ def test_encode_masks_cpu_path_with_many_masks():
     assert counts == want[0]
     np.testing.assert_array_equal(boxes, want[1])
     np.testing.assert_array_equal(areas, masks.reshape(300, -1).sum(1))
+
