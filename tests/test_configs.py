@@ -89,7 +89,10 @@ def test_every_shipped_config_validates(path):
         cfg = load_config(TrainConfig, str(path), ["output.uri=s3://my-bucket/runs/x"])
         assert cfg.model.arch in ("deepmask", "sharpmask")
         return
-    cfg = load_config(JobConfig, str(path), [FILL] if "generate" in path.parts else [])
+    fill = [FILL] if "generate" in path.parts else []
+    if path.stem.startswith("images-folder"):
+        fill.append("dataset.images=s3://b/photos")
+    cfg = load_config(JobConfig, str(path), fill)
     # the model section is its family's class, and survives a dump (YAML, run.json, manifest)
     assert type(cfg.model).__name__ in ("DenseConfig", "MaskRCNNConfig")
     assert load_config(JobConfig, None, base=cfg.model_dump(mode="json")) == cfg
@@ -138,6 +141,16 @@ def test_weights_are_parsed_once_into_a_typed_reference():
         assert form in msg
     with pytest.raises(ConfigError, match="t7 weights do not fit the Mask R-CNN family"):
         load_config(JobConfig, path, rcnn + ["model.weights=s3://b/model.t7"])
+
+
+def test_mask_rcnn_outputs_started_before_per_family_config_still_resume():
+    cfg = load_config(JobConfig, str(GENERATE[0]), [FILL, "model.name=maskrcnn",
+                                                    "model.weights=DEFAULT"])
+    # the model settings such a run record holds (every preset then had these fields)
+    before = {"name": "maskrcnn", "weights": "DEFAULT", "trunk": None, "proposals": 1000,
+              "scales": None, "nms": None, "threshold": 0.2, "max_image_side": None,
+              "precision": "fp32"}
+    assert state.output_settings(cfg)["model"] == before
 
 
 def test_execution_only_fields_are_declared_in_the_schema():

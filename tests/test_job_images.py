@@ -17,11 +17,12 @@ import pytest
 from pycocotools.coco import COCO
 
 from segdist.cli import main
-from segdist.config import JobConfig, ScalesConfig, validate
+from segdist.config import JobConfig, validate
 from segdist.data.ids import hashed_id
 from segdist.export.boxes import xywh_to_xyxy
 from segdist.job.driver import run_job
 from segdist.proposals.store import open_proposals
+from segdist.proposers.dense import ScalesConfig
 from test_image_collections import add_rotated_jpeg, make_folder, upright_size, write_image
 from test_job import TINY_MODEL, make_data, mtimes, read_tree
 

@@ -57,6 +57,13 @@ _LATER_DATASET_DEFAULTS = {"image_list": None, "extensions": None, "glob": None,
                            "coco_url_layout": "split-folder", "max_pixels": DEFAULT_MAX_PIXELS}
 
 
+# Model fields every preset had before the model section was per family: Mask R-CNN run records
+# made then hold them at these values (unused by it), so they are recorded so for those presets
+# and such outputs still resume.
+_FORMER_MODEL_DEFAULTS = {"trunk": None, "scales": None, "nms": None, "threshold": 0.2}
+_FORMER_PRESETS = ("maskrcnn", "maskrcnn-v2", "maskrcnn-rpn")
+
+
 def output_settings(cfg: JobConfig) -> dict[str, Any]:
     """The parts of a config that determine the bytes of the output (no credentials, no resources).
 
@@ -70,6 +77,8 @@ def output_settings(cfg: JobConfig) -> dict[str, Any]:
     # storage_options: credentials for the weights file; they never go into the run record.
     model = cfg.model.model_dump(mode="json",
                                  exclude={*execution_only_fields(cfg.model), "storage_options"})
+    if cfg.model.name in _FORMER_PRESETS:
+        model = {**_FORMER_MODEL_DEFAULTS, **model}
     output = cfg.output.model_dump(mode="json", include={"formats", "chunk_size", "gzip"})
     return {"dataset": dataset, "model": model, "output": output}
 
