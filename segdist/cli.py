@@ -5,6 +5,11 @@ Command modules import their heavy dependencies inside ``add_arguments``/``run``
 all (for their ``HELP``, the one source of each command's help line) leaves ``segdist --help``
 free of torch and ray. A :class:`~segdist.errors.SegdistError` becomes one clear message on stderr
 and exit code 2.
+
+Signals: SIGTERM (what ``timeout``, Kubernetes and Slurm send) is handled as Ctrl-C: it raises
+KeyboardInterrupt in the main thread, so the running command unwinds the same way (a job stops its
+workers and writes no manifest), and the CLI prints one line and exits 128 + the signal's number
+(130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from segdist import __version__
 from segdist.errors import SegdistError
@@ -31,6 +38,32 @@ COMMANDS = {
     "convert-t7": "convert_t7",
     "bench": "bench",
 }
+
+class _Interrupts:
+    """SIGTERM and SIGINT raise KeyboardInterrupt while a command runs (handlers put back after);
+    ``received`` says which signal it was (KeyboardInterrupt itself does not: Ray's waits turn
+    whatever a handler raised into a plain KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = signal.SIGINT  # a KeyboardInterrupt raised without a handler: Ctrl-C
+        self._previous: dict[int, object] = {}
+
+    def _interrupt(self, signum: int, frame) -> None:
+        self.received = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
 
 def _load(name: str):
     return importlib.import_module(f"segdist.commands.{COMMANDS[name]}")
@@ -67,11 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    try:
-        return int(args._run(args) or 0)
-    except SegdistError as exc:
-        print(f"segdist {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"segdist {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with _Interrupts() as interrupts:
+        try:
+            return int(args._run(args) or 0)
+        except SegdistError as exc:
+            print(f"segdist {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            name = signal.Signals(interrupts.received).name
+            print(f"segdist {args.command}: interrupted ({name})", file=sys.stderr)
+            return 128 + interrupts.received

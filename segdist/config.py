@@ -24,6 +24,7 @@ from pydantic_core import PydanticCustomError
 
 from segdist.errors import ConfigError
 from segdist.imageio import DEFAULT_MAX_PIXELS
+from segdist.ray_connect import DEFAULT_CONNECT_TIMEOUT_S
 from segdist.storage import read_bytes, redact
 
 T = TypeVar("T", bound=BaseModel)
@@ -310,6 +311,9 @@ class ResourcesConfig(_Strict):
     # None: GPU workers if the cluster has GPUs when the job starts; true: GPU workers even if no GPU
     # node is up yet (an autoscaling cluster scales them up); false: CPU workers.
     use_gpus: bool | None = None
+    # How long a cluster to join (--address / RAY_ADDRESS) may take to answer before the run stops
+    # with an error naming the address (segdist.ray_connect.check_cluster).
+    connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
 
 
 class JobConfig(_Strict):

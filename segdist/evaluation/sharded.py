@@ -224,9 +224,9 @@ def _evaluate_on_ray(shards: list, gt: GroundTruth, iou_types: tuple[str, ...], 
                      progress: bool, label: str) -> list[ShardResult]:
     import ray
 
-    from segdist.ray_connect import connect_ray
+    from segdist.ray_connect import connect_ray, shutdown_ray
 
-    started = connect_ray(address, num_cpus, num_gpus=0)
+    started = connect_ray(address, num_cpus, num_gpus=0, quiet=True)
     try:
         gt_box = [ray.put(gt)]
         task = ray.remote(num_cpus=1)(_task)
@@ -236,7 +236,7 @@ def _evaluate_on_ray(shards: list, gt: GroundTruth, iou_types: tuple[str, ...], 
         return _gather(ray, pending, progress, label)
     finally:
         if started:
-            ray.shutdown()
+            shutdown_ray()
 
 
 def _pieces(proposals: list[ImageProposals], shard_images: int) -> Iterable[_Piece]:

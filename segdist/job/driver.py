@@ -39,7 +39,7 @@ from segdist.job.progress import JobProgress
 from segdist.job.worker import WorkerInfo, WorkerSettings
 from segdist.proposals import layout
 from segdist.proposals.layout import chunk_name
-from segdist.ray_connect import connect_ray
+from segdist.ray_connect import connect_ray, shutdown_ray
 
 log = logging.getLogger("segdist.job")
 
@@ -256,7 +256,8 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
     opts = cfg.output.storage_options
     run = _Dispatched()
     t_run = time.perf_counter()
-    started_ray = connect_ray(address)
+    started_ray = connect_ray(address, connect_timeout_s=cfg.resources.connect_timeout_s,
+                              quiet=True)
     skipped_images = sum(r.images + len(r.failed) for r in committed.values())
     bar = JobProgress(len(dataset), len(plan), skipped_images, len(committed), enabled=progress)
     try:
@@ -297,9 +298,7 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
     finally:
         bar.close()
         if started_ray:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()
     run.seconds = time.perf_counter() - t_run
     return run
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from segdist.errors import ConfigError, SegdistError
+from segdist.ray_connect import auth_token, token_refused
 
 ENTRIES = ("generate", "evaluate", "train")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -51,21 +52,6 @@ def resolve_address(address: str | None) -> str:
     return address.rstrip("/")
 
 
-def auth_token() -> str | None:
-    """The cluster token to send, or None (see the module docstring for where it is looked up)."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
-        return None
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if token:
-        return token
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-    try:
-        token = Path(path).read_text().strip()
-    except OSError:
-        return None
-    return token or None
-
-
 def client(address: str | None = None):
     """A connected ``JobSubmissionClient``; raises SegdistError with what to check if it is not."""
     from ray.exceptions import AuthenticationError
@@ -77,9 +63,7 @@ def client(address: str | None = None):
     try:
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as exc:
-        raise SegdistError(
-            f"the Ray cluster at {url} refused the request ({str(exc).splitlines()[0]}); set "
-            "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token") from None
+        raise SegdistError(token_refused(url, str(exc).splitlines()[0])) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise SegdistError(
             f"cannot reach the Ray Jobs API at {url} ({exc}); check --address (the dashboard port, "
