@@ -265,18 +265,23 @@ def test_unwritable_output_or_unreadable_dataset_fails_before_any_worker(s3_serv
                            "nope.json"),
         "wrong-image-folder": ({**data, "images": str(tmp_path / "elsewhere")}, str(tmp_path / "o2"),
                                "does not exist; check dataset.images"),
+        # Everything checks out, but nothing listens at --address: bounded, one line naming it
+        # (Ray's own connect retried for more than ten minutes).
+        "no-cluster": ({**data}, str(tmp_path / "o3"),
+                       "cannot reach the Ray cluster at 127.0.0.1:9 within 1 s (connection refused)"),
     }
     for name, (dataset, out, message) in cases.items():
         config = tmp_path / f"{name}.yaml"
         config.write_text(json.dumps({
             "dataset": dataset, "model": TINY_MODEL,
-            "output": {"uri": out, "storage_options": {"client_kwargs": {"endpoint_url": s3_server}}}}))
+            "output": {"uri": out, "storage_options": {"client_kwargs": {"endpoint_url": s3_server}}},
+            "resources": {"connect_timeout_s": 1}}))
         proc = _generate_cli(config)
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("segdist generate: error:") and message in last, (name, last)
-        assert "Traceback" not in proc.stderr
-        if "://" not in out:
+        assert "Traceback" not in proc.stderr and "rpc_client" not in proc.stderr
+        if "://" not in out and name != "no-cluster":
             assert not Path(out, state.STATE_DIR).exists()  # nothing written
 
 

@@ -82,7 +82,7 @@ def _stop_cluster(temp_dir: str) -> None:
 
 @pytest.fixture
 def ray_head(s3_server):
-    """A token-auth Ray head on loopback: (Jobs API URL, client env with the token)."""
+    """A token-auth Ray head on loopback: (Jobs API URL, client env with the token, GCS address)."""
     if not shutil.which("ray", path=VENV_BIN):
         pytest.skip("the ray CLI is not installed in this environment")
     # A short path: Ray's unix sockets live under it (108-byte limit).
@@ -101,7 +101,8 @@ def ray_head(s3_server):
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        yield f"http://127.0.0.1:{ports['--dashboard-port']}", env
+        yield (f"http://127.0.0.1:{ports['--dashboard-port']}", env,
+               f"127.0.0.1:{ports['--port']}")
     finally:
         _stop_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -112,8 +113,8 @@ def _cli(env: dict, *args: str, timeout: float = 420) -> subprocess.CompletedPro
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket):
-    address, env = ray_head
+def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket, tmp_path):
+    address, env, gcs = ray_head
     bucket, opts = s3_bucket
     data = make_data(f"s3://{bucket}/data", 8, opts)
     out = f"s3://{bucket}/proposals"
@@ -150,6 +151,18 @@ def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket):
                    timeout=120)
     assert refused.returncode == 2
     assert "refused" in refused.stderr and "RAY_AUTH_TOKEN" in refused.stderr
+
+    # A driver joining the cluster without RAY_AUTH_MODE=token (and no token file in its home)
+    # gets the same line, saying to set the mode too; once the config has passed its checks.
+    no_token = {k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    joined = _cli({**no_token, "HOME": str(tmp_path)}, "generate",
+                  f"s3://{bucket}/configs/job.yaml", "--address", gcs, "--no-progress",
+                  "--set", "output.uri=" + f"s3://{bucket}/other", timeout=120)
+    assert joined.returncode == 2, joined.stderr[-3000:]
+    assert joined.stderr.strip().splitlines()[-1] == (
+        f"segdist generate: error: the Ray cluster at {gcs} refused the request (InvalidAuthToken: "
+        "Authentication token is missing or incorrect); set RAY_AUTH_MODE=token and "
+        "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
 
 
 def test_entrypoint_and_runtime_env(tmp_path):
