@@ -12,6 +12,7 @@ manifest.
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,7 @@ class ModelConfig(_Strict):
         ref = v if isinstance(v, WeightsRef) else None
         if ref is None:
             if v is not None and not isinstance(v, str):
-                raise ValueError(f"must be a string or null (got {type(v).__name__})")
+                raise ValueError("must be a string or null")
             ref = parse_weights(v, file_kind=cls.FILE_WEIGHTS)
         if ref.kind not in cls.WEIGHT_KINDS:
             raise ValueError(f"{ref.kind} weights do not fit the {cls.FAMILY} family (model.name "
@@ -233,8 +234,9 @@ class ModelConfig(_Strict):
 
 def _family_error(field: str, value: Any, family: str, name: Any, fields: list[str]) -> dict:
     return {"type": PydanticCustomError(
-        "family_field", "not a setting of the {family} family (model.name {name}); its settings: "
-        "{fields}", {"family": family, "name": repr(name), "fields": ", ".join(fields)}),
+        "family_field", "not a setting of the {family} family (model.name {name}){hint} its "
+        "settings: {fields}", {"family": family, "name": repr(name), "fields": ", ".join(fields),
+                               "hint": did_you_mean(field, fields) or ";"}),
         "loc": (field,), "input": value}
 
 
@@ -353,21 +355,84 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     return raw
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
+# Pydantic's messages name its own types ("a valid dictionary or instance of OutputConfig", "a
+# valid tuple"); a config file has sections, lists and values.
+_PLAIN_MESSAGES = {
+    "model_type": "must be a section of settings (key: value lines), not a single value",
+    "model_attributes_type": "must be a section of settings (key: value lines), not a single value",
+    "dict_type": "must be a mapping (key: value lines)",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "set_type": "must be a list",
+}
+
+
+def _section_fields(model: type[BaseModel], loc: tuple) -> list[str] | None:
+    """The field names of the section at ``loc`` under ``model`` (None when it is not a plain
+    section: a list item, a model section validated by family, a mapping of anything)."""
+    cls: Any = model
+    for part in loc:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        if part not in cls.model_fields:
+            # The model section is validated into its family's class: the family with the field.
+            cls = next((sub for sub in _subclasses(cls) if part in sub.model_fields), None)
+            if cls is None:
+                return None
+        cls = _section_class(cls.model_fields[part].annotation)
+    if isinstance(cls, type) and issubclass(cls, BaseModel):
+        return list(cls.model_fields)
+    return None
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
+
+
+def _section_class(annotation: Any) -> Any:
+    """The BaseModel class inside ``X``, ``X | None`` or ``SerializeAsAny[X]`` (else None)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _section_class(arg)
+        if found is not None:
+            return found
+    origin = getattr(annotation, "__origin__", None)
+    return _section_class(origin) if origin is not None and origin is not annotation else None
+
+
+def did_you_mean(name: str, allowed: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the allowed name nearest to ``name``, or ``""``."""
+    close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _format_error(exc: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        # Union members and validator wrappers appear in locations as tags ("function-after[...]",
+        # "int"); a config field name is a plain identifier (or a list index).
+        loc_parts = tuple(p for p in err["loc"] if isinstance(p, int) or p.isidentifier())
+        loc = ".".join(str(p) for p in loc_parts) or "(top level)"
         msg = err["msg"]
         if err["type"] == "literal_error":
             allowed = err.get("ctx", {}).get("expected", "")
             msg = f"must be one of {allowed}"
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see configs/ for examples)"
-        if err["type"] == "value_error":
+        elif err["type"] == "extra_forbidden":
+            fields = _section_fields(model, loc_parts[:-1]) if model is not None else None
+            hint = did_you_mean(str(loc_parts[-1]), fields) if fields else ""
+            msg = "unknown field" + (hint or (f"; the section's fields: {', '.join(fields)}"
+                                              if fields else " (check the spelling; see configs/ "
+                                              "for examples)"))
+        elif err["type"] == "value_error":
             msg = str(err.get("ctx", {}).get("error", msg))
+        elif err["type"] in _PLAIN_MESSAGES:
+            msg = _PLAIN_MESSAGES[err["type"]]
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
+        line = f"  {loc}: {msg}{shown}"
+        if line not in lines:
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -375,7 +440,7 @@ def validate(model: type[T], raw: dict, source: str = "<dict>") -> T:
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, source)) from None
+        raise ConfigError(_format_error(exc, source, model)) from None
 
 
 def load_config(model: type[T], path: str | Path | None, overrides: list[str] | None = None,

@@ -180,6 +180,37 @@ def test_errors_name_field_value_and_allowed_values():
     assert "resources.gpu_per_worker" in str(err.value) and "unknown field" in str(err.value)
 
 
+def test_unknown_fields_get_the_nearest_name_and_errors_name_no_internal_classes():
+    path = str(GENERATE[0])  # a DeepMask/SharpMask preset
+
+    def error(*sets: str) -> str:
+        with pytest.raises(ConfigError) as err:
+            load_config(JobConfig, path, [FILL, *sets])
+        return str(err.value)
+
+    assert "output.chunk_sise: unknown field; did you mean 'chunk_size'? (got 3)" in \
+        error("output.chunk_sise=3")
+    assert "resources.num_workrs: unknown field; did you mean 'num_workers'?" in \
+        error("resources.num_workrs=2")
+    assert "model.scales.mn: unknown field; did you mean 'min'?" in error("model.scales.mn=1")
+    assert "model.scalez: not a setting of the DeepMask/SharpMask family (model.name " \
+           "'deepmask-zoom'); did you mean 'scales'? its settings: name," in error("model.scalez=1")
+    # nothing near: the section's fields instead
+    assert ("output.colour: unknown field; the section's fields: uri, formats, chunk_size, gzip, "
+            "storage_options (got 'red')") in error("output.colour=red")
+    # a value where a section goes, a word where a list goes: said in the config's own terms
+    for sets, line in (
+            (["output=s3://b/x"], "output: must be a section of settings (key: value lines), "
+                                  "not a single value (got 's3://b/x')"),
+            (["model.scales=2"], "model.scales: must be a section of settings (key: value lines)"),
+            (["model.name=sliding-window", "model.weights=null", "model.sizes=big"],
+             "model.sizes: must be a list (got 'big')"),
+            (["model.weights=3"], "model.weights: must be a string or null (got 3)")):
+        msg = error(*sets)
+        assert line in msg, msg
+        assert "Config" not in msg and "instance of" not in msg and "tuple" not in msg, msg
+
+
 def test_overrides_apply_before_validation():
     cfg = load_config(JobConfig, str(GENERATE[0]), [
         FILL, "output.chunk_size=7", "resources.gpus_per_worker=0.25", "model.scales.max=0.5",
