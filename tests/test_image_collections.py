@@ -143,6 +143,67 @@ def test_folder_lists_images_recursively_and_skips_the_rest(tmp_path):
         load_images(str(tmp_path / "nowhere"))
 
 
+# Run as a user the file permissions apply to: the test's own user, or (when it is root, whom
+# permissions do not stop) "nobody", switched to after everything is imported.
+_AS_UNPRIVILEGED = """
+import json, os, sys
+from segdist.data.images import load_images
+from segdist.errors import StorageError
+from segdist.storage import url_to_fs
+url_to_fs(sys.argv[1])  # import the local filesystem before the switch
+if os.geteuid() == 0:
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+out = {}
+for path in sys.argv[1:]:
+    try:
+        out[path] = f"{len(load_images(path))} images"
+    except StorageError as exc:
+        out[path] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_a_folder_that_cannot_be_read_is_not_readable_not_missing():
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    # Outside pytest's tmp_path: its parents are private to the test's user.
+    top = Path(tempfile.mkdtemp(prefix="sd-perm-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        closed = top / "closed"  # a folder no one else may list
+        make_folder(closed)
+        behind = top / "locked" / "photos"  # a folder inside one no one else may enter
+        make_folder(behind)
+        inner = top / "inner"  # a readable folder with an unreadable subfolder
+        make_folder(inner)
+        for p in (top / "locked", inner, inner / "sub", inner / "sub" / "deeper", behind,
+                  behind / "sub", behind / "sub" / "deeper"):
+            p.chmod(0o755)
+        closed.chmod(0o000)
+        (top / "locked").chmod(0o000)
+        (inner / "sub").chmod(0o000)
+        proc = subprocess.run([sys.executable, "-c", _AS_UNPRIVILEGED, str(closed), str(behind),
+                               str(inner), str(top / "missing")],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        said = json.loads(proc.stdout)
+    finally:
+        for p in (closed, top / "locked", inner / "sub"):
+            p.chmod(0o755)
+        shutil.rmtree(top)
+    for folder in (closed, behind):
+        assert said[str(folder)] == (f"the image folder {folder} is not readable (Permission "
+                                     "denied); check its permissions or the storage credentials")
+    assert said[str(inner)] == (f"{inner / 'sub'} (under the image folder {inner}) is not readable "
+                                "(Permission denied); check its permissions or the storage "
+                                "credentials")
+    assert said[str(top / "missing")] == (f"the image folder {top / 'missing'} does not exist; "
+                                          "check dataset.images")
+
+
 def test_list_file_lines_relative_absolute_and_comments(tmp_path):
     root = tmp_path / "photos"
     make_folder(root)

@@ -1,7 +1,8 @@
 """Image collections without annotations: every image under a folder, or the lines of a list file.
 
-- Folder (``images``): listed recursively with one fsspec ``find`` (a paginated listing on object
-  stores, no request per file). A file is kept when no part of its relative path starts with ``.``
+- Folder (``images``): listed recursively, with one fsspec ``find`` on object stores (a paginated
+  listing, no request per file), with ``os.walk`` locally (a subfolder that cannot be opened is
+  an error, not skipped). A folder that exists but cannot be read is "not readable", not missing. A file is kept when no part of its relative path starts with ``.``
   (hidden files and folders: ``.DS_Store``, ``._x.jpg``, ``.thumbnails/``), its extension is an
   image extension (``extensions``, case-insensitive; default :data:`IMAGE_EXTENSIONS`) and it
   matches ``glob`` when one is given. What is left out is counted by reason in
@@ -21,10 +22,13 @@ has the images (``id``, ``file_name``) and no annotations: there is nothing to e
 from __future__ import annotations
 
 import fnmatch
+import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from segdist.data.ids import assign_ids
 from segdist.data.records import Dataset, ImageRecord
@@ -122,19 +126,32 @@ def _folder_entries(images_uri: str, storage_options: Mapping[str, Any] | None,
     fs, root = url_to_fs(images_uri, storage_options)
     root = root.rstrip("/")
     try:
-        if not fs.isdir(root):
-            raise StorageError(f"the image folder {images_uri} does not exist (or is not a "
-                               "folder); check dataset.images")
-        found = fs.find(root, withdirs=False)
-    except PermissionError as exc:
-        raise StorageError(f"no permission to list {images_uri}") from exc
-    except FileNotFoundError as exc:
+        # info, not isdir: isdir says False for a folder it may not look at, as for a missing one.
+        info = fs.info(root)
+    except FileNotFoundError:
         raise StorageError(f"the image folder {images_uri} does not exist; check dataset.images"
-                           ) from exc
+                           ) from None
+    except PermissionError as exc:
+        raise StorageError(f"the image folder {images_uri} is not readable ({_reason(exc)}); check "
+                           "its permissions or the storage credentials") from None
     except OSError as exc:
-        if isinstance(exc, StorageError):
-            raise
-        raise StorageError(f"cannot list {images_uri}: {exc}") from exc
+        raise StorageError(f"cannot read the image folder {images_uri}: {exc}") from None
+    if info.get("type") != "directory":
+        raise StorageError(f"{images_uri} is not a folder; dataset.images names the folder that "
+                           "holds the images (or use dataset.image_list for a list file)")
+    try:
+        found = _local_files(root) if isinstance(fs, LocalFileSystem) else fs.find(
+            root, withdirs=False)
+    except PermissionError as exc:
+        where = getattr(exc, "filename", None)
+        if not where or str(where).rstrip("/") == root:
+            raise StorageError(f"the image folder {images_uri} is not readable ({_reason(exc)}); "
+                               "check its permissions or the storage credentials") from None
+        raise StorageError(f"{where} (under the image folder {images_uri}) is not readable "
+                           f"({_reason(exc)}); check its permissions or the storage credentials"
+                           ) from None
+    except OSError as exc:
+        raise StorageError(f"cannot list the image folder {images_uri}: {exc}") from None
     out = []
     prefix = root + "/"
     for path in sorted(found):
@@ -148,6 +165,23 @@ def _folder_entries(images_uri: str, storage_options: Mapping[str, Any] | None,
             continue
         out.append((rel, join(images_uri, rel)))
     return out
+
+
+def _local_files(root: str) -> list[str]:
+    """Every file under the local folder ``root`` (symlinked folders followed, as fsspec does).
+
+    Not ``fs.find``: a local listing walks folder by folder and skips, silently, a folder it
+    cannot open; here that raises (PermissionError naming it), it is not a folder of no images.
+    """
+    def fail(exc: OSError) -> None:
+        raise exc
+
+    return [posixpath.join(folder, name)
+            for folder, _, names in os.walk(root, onerror=fail, followlinks=True) for name in names]
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or "permission denied"
 
 
 def _list_file_entries(image_list: str, base: str, storage_options: Mapping[str, Any] | None,
