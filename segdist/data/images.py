@@ -4,8 +4,9 @@
   listing, no request per file), with ``os.walk`` locally (a subfolder that cannot be opened is
   an error, not skipped); a folder that exists but cannot be read is "not readable", not
   missing. A file is kept when no part of its relative path starts with ``.`` (hidden files and
-  folders: ``.DS_Store``, ``._x.jpg``, ``.thumbnails/``), its extension is an image extension (``extensions``, case-insensitive; default :data:`IMAGE_EXTENSIONS`) and it
-  matches ``glob`` when one is given. What is left out is counted by reason in
+  folders: ``.DS_Store``, ``._x.jpg``, ``.thumbnails/``), its extension is an image extension
+  (``extensions``, case-insensitive; default :data:`IMAGE_EXTENSIONS`) and it matches ``glob``
+  when one is given. What is left out is counted by reason in
   ``Dataset.skipped``; nothing is opened on the driver.
 - List file (``image_list``): one image per line, a full URI or a path relative to ``images`` (else
   to the list file's folder); blank lines and lines starting with ``#`` are skipped, a line listed
