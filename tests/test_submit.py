@@ -146,6 +146,16 @@ def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket, tmp_path
     logs = _cli(env, "jobs", "logs", job_id, "--address", address, timeout=120)
     assert "complete: 2/2 chunks committed" in logs.stdout
 
+    # --no-wait prints just the id (for JOB=$(segdist submit ... --no-wait)); `jobs wait` waits.
+    # The same config again: every chunk is committed, the job only checks and rewrites the manifest.
+    again = _cli(env, "submit", f"s3://{bucket}/configs/job.yaml", "--address", address,
+                 "--no-wait", timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = again.stdout.strip()
+    assert again.stdout == second + "\n" and second.startswith("segdist-generate-")
+    waited = _cli(env, "jobs", "wait", second, "--address", address, "--timeout", "300")
+    assert waited.returncode == 0 and waited.stdout == f"job {second}: SUCCEEDED\n"
+
     # A wrong token is refused with a message that says what to set.
     refused = _cli({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "jobs", "list", "--address", address,
                    timeout=120)
@@ -163,6 +173,25 @@ def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket, tmp_path
         f"segdist generate: error: the Ray cluster at {gcs} refused the request (InvalidAuthToken: "
         "Authentication token is missing or incorrect); set RAY_AUTH_MODE=token and "
         "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token")
+
+
+def test_jobs_help_lists_every_action_and_each_has_its_own(capsys):
+    from segdist.cli import main
+    from segdist.commands.jobs import ACTIONS
+
+    with pytest.raises(SystemExit) as done:
+        main(["jobs", "--help"])
+    assert done.value.code == 0
+    listing = " ".join(capsys.readouterr().out.split())
+    for action, text in ACTIONS.items():
+        assert f"{action} {text}" in listing, action
+    for action in ACTIONS:
+        with pytest.raises(SystemExit):
+            main(["jobs", action, "--help"])
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: segdist jobs {action} ") and "--address" in text
+        assert ("job_id" in text) == (action != "list")
+        assert ("--follow" in text) == (action == "logs") and ("--timeout" in text) == (action == "wait")
 
 
 def test_entrypoint_and_runtime_env(tmp_path):

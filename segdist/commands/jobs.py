@@ -1,33 +1,46 @@
-"""``segdist jobs status|logs|stop|list [ID]``: look after runs submitted with ``segdist submit``."""
+"""``segdist jobs ACTION``: look after runs submitted with ``segdist submit`` (status, logs, stop,
+wait, list), one sub-command per action, each with its own help."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-HELP = "status, logs or stop of a submitted job (or list them)"
+HELP = "look after submitted jobs: status, logs, stop, wait, list"
+
+# action -> its help line (also the order `segdist jobs --help` lists them in)
+ACTIONS = {
+    "status": "the job's status, entry point, message and times (JSON); exit 1 if it failed",
+    "logs": "the job's log so far, or with --follow streamed until the job ends",
+    "stop": "ask the cluster to stop the job",
+    "wait": "wait (without logs) until the job ends; exit 0 if it succeeded",
+    "list": "every job the cluster knows: id, status, entry point",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("status", "logs", "stop", "list", "wait"))
-    parser.add_argument("job_id", nargs="?", help="the id that segdist submit printed")
-    parser.add_argument("--address", default=None,
-                        help="the cluster's Jobs API URL (default: RAY_API_SERVER_ADDRESS or "
-                             "RAY_ADDRESS, else http://127.0.0.1:8265)")
-    parser.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="wait: give up after seconds")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, text in ACTIONS.items():
+        p = actions.add_parser(name, help=text, description=text)
+        if name != "list":
+            p.add_argument("job_id", help="the id that segdist submit printed")
+        p.add_argument("--address", default=None,
+                       help="the cluster's Jobs API URL (default: RAY_API_SERVER_ADDRESS or "
+                            "RAY_ADDRESS, else http://127.0.0.1:8265)")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        if name == "wait":
+            p.add_argument("--timeout", type=float, default=3600.0,
+                           help="give up after this many seconds (default 3600)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from segdist.errors import ConfigError
     from segdist.job import submission
 
     if args.action == "list":
         for job in submission.list_jobs(args.address):
             print(f"{job['job_id']}\t{job['status']}\t{job['entrypoint']}")
         return 0
-    if not args.job_id:
-        raise ConfigError(f"segdist jobs {args.action} needs a job id")
     if args.action == "status":
         details = submission.info(args.job_id, args.address)
         print(json.dumps(details, indent=1))

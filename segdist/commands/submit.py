@@ -16,7 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which run (the script jobs/<entry>.py); default generate")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override passed to the run (repeatable)")
-    parser.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="print just the job id (on stdout) and return")
     parser.add_argument("--working-dir", default=".",
                         help="project folder uploaded as the job's working_dir (default: .)")
     parser.add_argument("--no-runtime-env", action="store_true",
@@ -41,15 +42,21 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
+    import sys
+
     job_id = submission.submit(
         args.config, address=args.address, entry=args.entry, overrides=args.overrides,
         working_dir=None if args.no_runtime_env else args.working_dir, pip=args.pip, env=env,
         entrypoint_num_gpus=args.entrypoint_gpus, submission_id=args.job_id)
     address = submission.resolve_address(args.address)
-    print(f"submitted job {job_id} to {address}", flush=True)
     if args.no_wait:
-        print(f"follow it with: segdist jobs logs {job_id} --follow --address {address}")
+        # Just the id on stdout, for scripts (JOB=$(segdist submit ... --no-wait)); the hint to
+        # the terminal.
+        print(job_id, flush=True)
+        print(f"submitted job {job_id} to {address}; follow it with: segdist jobs logs {job_id} "
+              f"--follow --address {address}", file=sys.stderr)
         return 0
+    print(f"submitted job {job_id} to {address}", flush=True)
     try:
         status = submission.follow(job_id, args.address)
     except KeyboardInterrupt:
