@@ -427,8 +427,9 @@ def test_show_on_a_folder_writes_one_overlay_per_image(tmp_path, capsys, one_tor
     out = tmp_path / "overlays"
     rc = main(["show", str(root), "--model", "deepmask", "--limit", "3", "--top", "3",
                "--out", str(out), "--device", "cpu"])
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert rc == 0
+    assert "no --weights given, so deepmask runs with random weights" in err
     # The first three by path: a.jpg, empty.jpg (reported, skipped), rotated.jpg.
     assert "skipped empty.jpg: empty file (0 bytes)" in printed
     assert sorted(os.listdir(out)) == ["a.jpg.png", "rotated.jpg.png"]
@@ -437,3 +438,7 @@ def test_show_on_a_folder_writes_one_overlay_per_image(tmp_path, capsys, one_tor
             assert (im.height, im.width) == upright_size(root / source)
     assert main(["show", str(root), "--out", str(tmp_path / "x.png")]) == 2
     assert "--out" in capsys.readouterr().err
+    # A proposer without weights at all has nothing to warn about.
+    assert main(["show", str(root / "a.jpg"), "--model", "sliding-window", "--top", "2",
+                 "--out", str(tmp_path / "sw.png")]) == 0
+    assert "random weights" not in capsys.readouterr().err

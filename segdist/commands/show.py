@@ -4,6 +4,7 @@ over each image of a folder (the first ``--limit``), one PNG per image in the ``
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,6 +54,11 @@ def run(args: argparse.Namespace) -> int:
                               "max_image_side setting")
         fields["max_image_side"] = args.max_image_side
     cfg = model_config(**fields)
+    if cfg.weights.kind == "random" and config_class(args.model).WEIGHT_KINDS != ("random",):
+        # Random weights draw plausible-looking but meaningless proposals: say so up front.
+        print(f"segdist show: note: no --weights given, so {args.model} runs with random weights "
+              "(its proposals mean nothing); pass --weights, e.g. a checkpoint from segdist "
+              "convert-t7 or train, or the original's model.t7 URL", file=sys.stderr)
     if _is_folder(args.image):
         return run_folder(args, cfg)
     if args.limit is not None:
