@@ -109,6 +109,55 @@ def test_report_files_json_and_table(tmp_path):
     assert markdown_table(report) == table
 
 
+def test_table_labels_ar_by_the_proposals_the_runs_have():
+    gt_dict, props = hard_case(8, n_images=16)  # one image has 1100 proposals, the rest < 150
+    table = {}
+    for cap in (100, 5, 1000):
+        ps = {i: p.top(cap) for i, p in props.items()}
+        counts = {t: count_images(prepare_ground_truth(gt_dict, eval_image_ids(gt_dict, t),
+                                                       segments=t == "segm"),
+                                  ps, eval_image_ids(gt_dict, t), t) for t in ("segm", "bbox")}
+        report = build_report([EvalRun("/r", "parquet", "m", counts, {}, 1)], {"name": "hard"})
+        table[cap] = markdown_table(report)
+        metrics = report["runs"][0]["segm"]["metrics"]
+        assert report["runs"][0]["segm"]["counts"]["max_proposals_per_image"] == cap
+        head, _, row = table[cap].splitlines()[:3]
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        columns = {10: ["10"], 100: ["10", "100"], 5: ["10"], 1000: ["10", "100", "1000"]}[cap]
+        assert head == ("| run | model | " + " | ".join(f"box AR@{m}" for m in columns) + " | "
+                        + " | ".join(f"segm AR@{m}" for m in columns) + " | AR^S | AR^M | AR^L |")
+        n = len(columns)
+        assert cells[2 + n:2 + 2 * n] == [_fmt_ar(metrics[f"AR@{m}"]) for m in columns]
+        # AR^S/M/L at the last column's count: AR_small@100 is AR_small@10 when no image has 10
+        assert cells[-3] == _fmt_ar(metrics[f"AR_small@{max(100, int(columns[-1]))}"])
+    assert "No image has more than 5 proposals: AR@10 is AR@5." in table[5]
+    assert "No image has more than" not in table[100] and "No image has more" not in table[1000]
+    assert "with 10/100 proposals per image" in table[100]
+
+
+def _fmt_ar(v: float) -> str:
+    return f"{v:.3f}".lstrip("0")
+
+
+def test_incomplete_job_outputs_are_warned_about():
+    from segdist.commands.evaluate import incomplete_warning
+
+    def run(uri, kind, manifest):
+        return EvalRun(uri, kind, "m", {}, {}, 1, manifest=manifest)
+
+    totals = {"chunks": 247, "chunks_committed": 240, "chunks_failed": 2}
+    said = incomplete_warning(run("s3://b/out", "parquet", {"complete": False, "totals": totals}))
+    assert said == ("s3://b/out is incomplete (its manifest: 240 of 247 chunks committed, 2 "
+                    "failed): the images of the missing chunks count as misses; re-run segdist "
+                    "generate with the same config to complete it")
+    assert incomplete_warning(run("s3://b/out", "coco-json", {"complete": True})) is None
+    assert "has no manifest.json" in incomplete_warning(run("/o/coco-json", "coco-json", None))
+    # not a job's chunk folder: a results file, the original layout
+    assert incomplete_warning(run("/x/results.segm.json", "coco-results", None)) is None
+    assert incomplete_warning(run("/x/a.parquet", "parquet", None)) is None
+    assert incomplete_warning(run("/x/deepmask", "original", None)) is None
+
+
 def test_names_and_default_locations():
     assert default_out("s3://b/run1") == "s3://b/run1/eval"
     assert default_out("s3://b/run1/") == "s3://b/run1/eval"
@@ -135,8 +184,14 @@ def test_cli_compares_two_runs_on_s3(ray_cluster, s3_bucket, tmp_path, capsys):
                "--dataset", f"s3://{bucket}/gt/instances.json", "--names", "A", "B",
                "--storage-options", json.dumps(options), "--no-progress"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "| A | sharpmask-zoom |" in printed and "| B |" in printed
+    # runB has chunk files but no manifest: a job that may not have finished, said once.
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert warnings == [f"segdist evaluate: warning: s3://{bucket}/runB has no manifest.json: the "
+                        "job that wrote it may not have finished, and images without proposals "
+                        "count as misses; re-run segdist generate with the same config to complete "
+                        "it"]
     doc = json.loads(storage.read_bytes(f"s3://{bucket}/runA/eval/eval.json", options))
     assert doc["dataset"]["images"] == 14 and doc["dataset"]["format"] == "coco"
     a, b = doc["runs"]

@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import posixpath
+import sys
 from typing import Any
 
 HELP = "average recall of proposals (sharded, exact), with a report and plots"
@@ -149,6 +150,24 @@ def _dataset_file_model():
     return DatasetFile
 
 
+def incomplete_warning(run) -> str | None:
+    """What to tell about a job output (the job's chunk layout) evaluated without a complete
+    manifest, or None: the images of chunks it lacks have no proposals, and count as misses."""
+    uri = run.proposals_uri
+    if run.kind not in ("parquet", "coco-json") or uri.endswith((".parquet", ".json", ".json.gz")):
+        return None  # not a job's chunk folder
+    again = "re-run segdist generate with the same config to complete it"
+    if run.manifest is None:
+        return (f"{uri} has no manifest.json: the job that wrote it may not have finished, and "
+                f"images without proposals count as misses; {again}")
+    if run.manifest.get("complete") is False:
+        totals = run.manifest.get("totals") or {}
+        return (f"{uri} is incomplete (its manifest: {totals.get('chunks_committed', '?')} of "
+                f"{totals.get('chunks', '?')} chunks committed, {totals.get('chunks_failed', '?')} "
+                f"failed): the images of the missing chunks count as misses; {again}")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from segdist.errors import ConfigError
     from segdist.evaluation.report import build_report, default_out, markdown_table, write_report
@@ -175,6 +194,10 @@ def run(args: argparse.Namespace) -> int:
                                address=args.address, num_cpus=args.num_cpus,
                                progress=not args.no_progress)
             for uri in args.proposals]
+    for r in runs:
+        warning = incomplete_warning(r)
+        if warning:
+            print(f"segdist evaluate: warning: {warning}", file=sys.stderr)
     report = build_report(runs, info, args.names)
     written = write_report(report, out, options)
     print(markdown_table(report), end="")

@@ -39,7 +39,7 @@ def summarize(counts: RecallCounts) -> dict[str, Any]:
         [1..max_dets], "all"|"small"|"medium"|"large": [AR per count]}, "recall_vs_iou":
         {"iou": [21 thresholds ascending], "@10"|"@100"|"@1000": [recall per threshold]}},
         "counts": {"n_gt": {area: int}, "images": .., "images_with_proposals": ..,
-        "proposals": ..}}``.
+        "proposals": .., "max_proposals_per_image": ..}}``.
     """
     rec = counts.recall()
     dets = max_dets_reported(counts)
@@ -67,7 +67,8 @@ def summarize(counts: RecallCounts) -> dict[str, Any]:
                    "recall_vs_iou": iou_curve},
         "counts": {"n_gt": dict(zip(AREA_LABELS, counts.n_gt.tolist())),
                    "images": counts.n_images, "images_with_proposals": counts.n_with_proposals,
-                   "proposals": counts.n_proposals},
+                   "proposals": counts.n_proposals,
+                   "max_proposals_per_image": counts.max_per_image},
     }
 
 

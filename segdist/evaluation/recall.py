@@ -38,6 +38,8 @@ class RecallCounts:
         n_gt: int64[A] not-ignored ground truths per area range (COCOeval's ``npig``).
         n_images: images evaluated; n_with_proposals: those that had at least one proposal;
         n_proposals: proposals evaluated (after the cut to max_dets).
+        max_per_image: the most proposals any image had (after the cut): AR at any count from
+            it up to max_dets is the same number (what the report's labels say).
     """
 
     iou_type: str
@@ -49,6 +51,7 @@ class RecallCounts:
     n_with_proposals: int = 0
     n_proposals: int = 0
     area_labels: tuple[str, ...] = field(default=AREA_LABELS)
+    max_per_image: int = 0
 
     @classmethod
     def zeros(cls, iou_type: str, max_dets: int = 1000,
@@ -67,7 +70,8 @@ class RecallCounts:
                             self.hits + other.hits, self.n_gt + other.n_gt,
                             self.n_images + other.n_images,
                             self.n_with_proposals + other.n_with_proposals,
-                            self.n_proposals + other.n_proposals, self.area_labels)
+                            self.n_proposals + other.n_proposals, self.area_labels,
+                            max(self.max_per_image, other.max_per_image))
 
     def tp(self) -> np.ndarray:
         """int64[T, A, max_dets]: ``tp[t, a, m - 1]`` = true positives among each image's first m."""
@@ -151,6 +155,7 @@ def count_image(counts: RecallCounts, gt: ImageGT, props: ImageProposals | None)
     counts.n_with_proposals += 1
     order = np.argsort(-props.scores.astype(np.float64), kind="mergesort")[:counts.max_dets]
     counts.n_proposals += len(order)
+    counts.max_per_image = max(counts.max_per_image, len(order))
     if n_gt == 0:
         return  # nothing to match; unmatched detections never change recall
     ious = _image_ious(gt, props, order, counts.iou_type)

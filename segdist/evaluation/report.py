@@ -108,11 +108,38 @@ def _metric(run: Mapping[str, Any], iou_type: str, key: str) -> float | None:
     return run.get(iou_type, {}).get("metrics", {}).get(key)
 
 
+def _table_counts(runs: Sequence[Mapping[str, Any]]) -> tuple[list[int], int | None]:
+    """The proposal counts the table's AR columns are labelled with, and the most proposals any
+    image of any run has (None when unknown).
+
+    COCOeval caps each image at maxDets: with at most 100 proposals per image, AR@1000 is AR@100
+    again. The columns stop at the first standard count that covers every run's images (10, 100,
+    1000; those the evaluation reported), so a run of 100 proposals reads AR@10 and AR@100.
+    """
+    reported = sorted({int(k[3:]) for r in runs for t in ("segm", "bbox") if t in r
+                       for k in r[t]["metrics"] if k.startswith("AR@")}) or [max(MAX_DETS)]
+    present = [r[t]["counts"].get("max_proposals_per_image") for r in runs
+               for t in ("segm", "bbox") if t in r]
+    most = max(present) if present and None not in present else None
+    top = reported[-1] if not most else min((m for m in reported if m >= most),
+                                            default=reported[-1])
+    return [m for m in reported if m <= top], most
+
+
+def _area_key(run: Mapping[str, Any], iou_type: str, area: str, top: int) -> float | None:
+    """AR of an area range at ``top`` proposals: the evaluation reports area ARs at its two
+    largest counts; any count from ``top`` up is the same number when no image has more."""
+    metrics = run.get(iou_type, {}).get("metrics", {})
+    counts = sorted(int(k.rsplit("@", 1)[1]) for k in metrics if k.startswith(f"AR_{area}@"))
+    at = next((m for m in counts if m >= top), None)
+    return None if at is None else metrics[f"AR_{area}@{at}"]
+
+
 def markdown_table(report: Mapping[str, Any]) -> str:
     """Rows = runs; columns as the DeepMask/SharpMask tables, then a details table."""
     runs = report["runs"]
-    top = max(MAX_DETS)
-    dets = (10, 100, top)
+    dets, most = _table_counts(runs)
+    top = dets[-1]
     head = (["run", "model"] + [f"box AR@{m}" for m in dets] + [f"segm AR@{m}" for m in dets]
             + ["AR^S", "AR^M", "AR^L"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -121,17 +148,20 @@ def markdown_table(report: Mapping[str, Any]) -> str:
         cells = [r["name"], str(r["model"])]
         cells += [_fmt(_metric(r, "bbox", f"AR@{m}")) for m in dets]
         cells += [_fmt(_metric(r, "segm", f"AR@{m}")) for m in dets]
-        sml = [_fmt(_metric(r, sml_type, f"AR_{a}@{top}")) for a in ("small", "medium", "large")]
+        sml = [_fmt(_area_key(r, sml_type, a, top)) for a in ("small", "medium", "large")]
         if sml_type == "bbox":
             sml = [s + " (box)" if s != "-" else s for s in sml]
         lines.append("| " + " | ".join(cells + sml) + " |")
     lines.append("")
-    lines.append(f"AR: average recall over IoU .50:.05:.95 with 10/100/{top} proposals per image. "
-                 f"AR^S/M/L: segment AR at {top} proposals for small (< 32^2 px), medium and "
-                 "large (> 96^2 px) objects (box AR, marked, for box-only runs).")
+    lines.append(f"AR: average recall over IoU .50:.05:.95 with {'/'.join(map(str, dets))} "
+                 f"proposals per image. AR^S/M/L: segment AR at {top} proposals for small "
+                 "(< 32^2 px), medium and large (> 96^2 px) objects (box AR, marked, for box-only "
+                 "runs).")
+    if most is not None and most < top:
+        lines.append(f"No image has more than {most} proposals: AR@{top} is AR@{most}.")
     lines.append("")
-    detail_keys = ["AR_small@100", "AR_medium@100", "AR_large@100",
-                   "R@0.5@100", f"R@0.5@{top}", "R@0.7@100", f"R@0.7@{top}"]
+    detail_keys = list(dict.fromkeys(["AR_small@100", "AR_medium@100", "AR_large@100",
+                                      "R@0.5@100", f"R@0.5@{top}", "R@0.7@100", f"R@0.7@{top}"]))
     head2 = ["run", "type"] + detail_keys + ["images", "proposals", "seconds"]
     lines += ["| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
     for r in runs:
