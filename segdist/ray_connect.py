@@ -43,10 +43,9 @@ def token_refused(address: str, detail: str, mode_needed: bool = False) -> str:
     ``mode_needed``: the refused party is a driver joining with RAY_AUTH_MODE unset, which Ray
     needs set to ``token`` before it sends any token.
     """
-    fix = "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
-    if mode_needed:
-        fix = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
-    return f"the Ray cluster at {address} refused the request ({detail}); {fix}"
+    what = "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN" if mode_needed else "RAY_AUTH_TOKEN"
+    return (f"the Ray cluster at {address} refused the request ({detail}); set {what} (or "
+            "RAY_AUTH_TOKEN_PATH) to the cluster's token")
 
 
 def auth_token() -> str | None:
@@ -131,8 +130,8 @@ def check_cluster(address: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) ->
                                   timeout=min(5.0, left))
                 return
             except grpc.RpcError as exc:
-                code, detail = exc.code(), (exc.details() or "").splitlines()[0:1]
-                detail = detail[0] if detail else str(code)
+                code = exc.code()
+                detail = next(iter((exc.details() or "").splitlines()), "") or str(code)
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise ClusterConnectError(token_refused(address, detail, not sends)) from None
                 if code == grpc.StatusCode.UNIMPLEMENTED:
