@@ -125,14 +125,18 @@ def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket, tmp_path
     # The config lives in object storage, as it would for a remote cluster.
     fs.pipe_file(f"{bucket}/configs/job.yaml", yaml.safe_dump(config).encode())
 
-    proc = _cli(env, "submit", f"s3://{bucket}/configs/job.yaml", "--address", address)
+    # --no-wait prints just the id (for JOB=$(segdist submit ... --no-wait)); then it is followed.
+    proc = _cli(env, "submit", f"s3://{bucket}/configs/job.yaml", "--address", address,
+                "--no-wait")
 
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    first = proc.stdout.splitlines()[0]
-    assert first.startswith("submitted job segdist-generate-") and address in first
-    job_id = first.split()[2]
-    assert "complete: 2/2 chunks committed" in proc.stdout  # the job's own log, followed
-    assert proc.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    job_id = proc.stdout.strip()
+    assert proc.stdout == job_id + "\n" and job_id.startswith("segdist-generate-")
+    assert f"submitted job {job_id} to {address}" in proc.stderr
+    followed = _cli(env, "jobs", "logs", job_id, "--follow", "--address", address)
+    assert followed.returncode == 0, followed.stdout[-4000:] + followed.stderr[-4000:]
+    assert "complete: 2/2 chunks committed" in followed.stdout  # the job's own log, streamed
+    assert followed.stdout.rstrip().endswith(f"job {job_id}: SUCCEEDED")
     fs.invalidate_cache()
     manifest = json.loads(fs.cat_file(f"{bucket}/proposals/manifest.json"))
     assert manifest["complete"] and manifest["totals"]["images"] == 8
@@ -145,16 +149,8 @@ def test_submit_runs_a_job_on_a_token_auth_cluster(ray_head, s3_bucket, tmp_path
     assert "jobs/generate.py" in json.loads(status.stdout)["entrypoint"]
     logs = _cli(env, "jobs", "logs", job_id, "--address", address, timeout=120)
     assert "complete: 2/2 chunks committed" in logs.stdout
-
-    # --no-wait prints just the id (for JOB=$(segdist submit ... --no-wait)); `jobs wait` waits.
-    # The same config again: every chunk is committed, the job only checks and rewrites the manifest.
-    again = _cli(env, "submit", f"s3://{bucket}/configs/job.yaml", "--address", address,
-                 "--no-wait", timeout=120)
-    assert again.returncode == 0, again.stderr[-3000:]
-    second = again.stdout.strip()
-    assert again.stdout == second + "\n" and second.startswith("segdist-generate-")
-    waited = _cli(env, "jobs", "wait", second, "--address", address, "--timeout", "300")
-    assert waited.returncode == 0 and waited.stdout == f"job {second}: SUCCEEDED\n"
+    waited = _cli(env, "jobs", "wait", job_id, "--address", address, timeout=120)
+    assert waited.returncode == 0 and waited.stdout == f"job {job_id}: SUCCEEDED\n"
 
     # A wrong token is refused with a message that says what to set.
     refused = _cli({**env, "RAY_AUTH_TOKEN": "not-the-token"}, "jobs", "list", "--address", address,
