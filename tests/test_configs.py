@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segdist.config import JobConfig, WeightsRef, execution_only_fields, load_config, public_dict
+from segdist.config import (JobConfig, OutputConfig, WeightsRef, execution_only_fields, load_config,
+                            public_dict)
 from segdist.errors import ConfigError, StorageError
 from segdist.job import preflight, state
 from segdist.job.manifest import build_manifest
@@ -196,8 +197,8 @@ def test_unknown_fields_get_the_nearest_name_and_errors_name_no_internal_classes
     assert "model.scalez: not a setting of the DeepMask/SharpMask family (model.name " \
            "'deepmask-zoom'); did you mean 'scales'? its settings: name," in error("model.scalez=1")
     # nothing near: the section's fields instead
-    assert ("output.colour: unknown field; the section's fields: uri, formats, chunk_size, gzip, "
-            "storage_options (got 'red')") in error("output.colour=red")
+    assert (f"output.colour: unknown field; the section's fields: "
+            f"{', '.join(OutputConfig.model_fields)} (got 'red')") in error("output.colour=red")
     # a value where a section goes, a word where a list goes: said in the config's own terms
     for sets, line in (
             (["output=s3://b/x"], "output: must be a section of settings (key: value lines), "
