@@ -28,6 +28,7 @@ import os
 import platform
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -166,12 +167,11 @@ def copy_to_s3(out: Path) -> tuple[str, dict, float]:
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import free_port
-
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1"})
-    port = free_port()
+    with socket.socket() as sock:  # a free port on loopback
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
