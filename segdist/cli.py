@@ -39,6 +39,7 @@ COMMANDS = {
     "bench": "bench",
 }
 
+
 class _Interrupts:
     """SIGTERM and SIGINT raise KeyboardInterrupt while a command runs (handlers put back after);
     ``received`` says which signal it was (KeyboardInterrupt itself does not: Ray's waits turn

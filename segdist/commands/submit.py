@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "submit a generate/evaluate/train run to a Ray cluster through the Jobs API"
 
@@ -42,8 +43,6 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise ConfigError(f"--env {item!r}: expected KEY=VALUE")
         env[key] = value
-    import sys
-
     job_id = submission.submit(
         args.config, address=args.address, entry=args.entry, overrides=args.overrides,
         working_dir=None if args.no_runtime_env else args.working_dir, pip=args.pip, env=env,
