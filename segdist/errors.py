@@ -10,7 +10,27 @@ class ConfigError(SegdistError):
 
 
 class StorageError(SegdistError):
-    """A URI cannot be read or written (missing, no permission, unknown protocol)."""
+    """A URI cannot be read or written (missing, no permission, unreachable, unknown protocol).
+
+    Attributes:
+        uri: the location, when known.
+        op: what was being done (``read``, ``write``, ``list``, ...), when known.
+        transient: the store may succeed if asked again (a connection error, throttling, a 5xx,
+            a timeout); false for errors that retrying cannot fix (no bucket, access denied, no
+            space). See :mod:`segdist.storage_errors`.
+    """
+
+    def __init__(self, message: str, *, uri: str | None = None, op: str | None = None,
+                 transient: bool = False):
+        super().__init__(message)
+        self.uri, self.op, self.transient = uri, op, transient
+
+    def __reduce__(self):  # keep the fields across pickling (Ray ships errors between processes)
+        return (_storage_error, (str(self), self.uri, self.op, self.transient))
+
+
+def _storage_error(message: str, uri: str | None, op: str | None, transient: bool) -> StorageError:
+    return StorageError(message, uri=uri, op=op, transient=transient)
 
 
 class DatasetError(SegdistError):

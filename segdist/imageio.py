@@ -40,8 +40,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from segdist.errors import ImageDecodeError, StorageError
+from segdist.errors import ImageDecodeError
 from segdist.storage import url_to_fs
+from segdist.storage_errors import translate
 
 # Pillow's own hard limit (it raises above 2 * Image.MAX_IMAGE_PIXELS = 178,956,970 pixels), so the
 # default here refuses nothing that Pillow would accept.
@@ -82,10 +83,8 @@ def read_image(
         raise ImageDecodeError(uri, "file not found") from None
     except IsADirectoryError:
         raise ImageDecodeError(uri, "is a directory, not an image file") from None
-    except PermissionError as exc:
-        raise StorageError(f"no permission to read {uri}: {exc}") from exc
-    except OSError as exc:
-        raise StorageError(f"cannot read {uri}: {exc}") from exc
+    except Exception as exc:  # permission, network (botocore's errors are not OSErrors), ...
+        raise translate(exc, uri, "read") from exc
     return decode_image(data, uri, max_pixels=max_pixels)
 
 
