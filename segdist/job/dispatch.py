@@ -11,9 +11,14 @@ which chunk was lost with it. Here the driver keeps the queue itself:
   actor in the same slot (a replacement costs the same model load as a Ray restart would, and keeps
   the accounting of which chunks were lost exact); a slot gives up after ``max_replacements``
   losses in a row without a committed chunk in between;
-- when an actor dies with several chunks in flight, nobody knows which one killed it: each gets an
-  attempt counted, and is then retried *solo* (alone on its worker), so an innocent chunk loses at
-  most one attempt to a poisonous neighbour.
+- an attempt is counted only for a chunk that had *started* on the worker: each chunk runs as a
+  streaming task (:meth:`~segdist.job.worker.ChunkWorker.run_chunk`) whose first item says it
+  reached the worker. A chunk sent to a worker that was already dead (killed with the others of its
+  node, say, before the driver heard of it) never started: it goes back to the front of the queue
+  without an attempt. So a chunk loses one attempt per worker loss it was really running through;
+- when an actor dies with several chunks in flight, nobody knows which one killed it: each started
+  one gets an attempt counted, and is then retried *solo* (alone on its worker), so an innocent
+  chunk loses at most one attempt to a poisonous neighbour.
 
 - with ``chunk_timeout_s``, a worker whose oldest chunk in flight has run that long (a hung GPU or
   read) is killed and replaced the same way; the chunk gets a failed attempt.
@@ -36,7 +41,7 @@ from ray.exceptions import RayError, RayTaskError
 from segdist.errors import SegdistError
 from segdist.job.plan import ChunkSpec
 from segdist.job.state import ChunkRecord
-from segdist.job.worker import ChunkWorker, WorkerInfo, WorkerSettings
+from segdist.job.worker import STARTED, ChunkWorker, WorkerInfo, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,7 @@ class _Slot:
     retired: bool = False
     replacements: int = 0
     inflight: set[int] = field(default_factory=set)
+    started: set[int] = field(default_factory=set)  # chunks in flight that reached the worker
     solo: bool = False  # running a chunk that must not share the worker
     order: list[Any] = field(default_factory=list)  # task refs in flight, oldest first
     head_since: float = 0.0  # since when order[0] is the oldest (the one the timeout clocks)
@@ -84,7 +90,9 @@ class _Run:
     done: dict[int, ChunkRecord] = field(default_factory=dict)
     failed: dict[int, ChunkFailure] = field(default_factory=dict)
     info_refs: dict[Any, tuple[_Slot, int]] = field(default_factory=dict)  # ref -> (slot, generation)
-    task_refs: dict[Any, tuple[_Slot, int, int]] = field(default_factory=dict)  # ... chunk index
+    # a chunk's streaming task -> (slot, generation, chunk index)
+    task_refs: dict[Any, tuple[_Slot, int, int]] = field(default_factory=dict)
+    begun: set[Any] = field(default_factory=set)  # tasks whose chunk reached its worker
     started: float = field(default_factory=time.monotonic)
     last_wait_log: float = 0.0
 
@@ -132,8 +140,10 @@ class Dispatcher:
         self.settings = settings
         self.num_workers = num_workers
         self.depth = max(1, depth)
-        self.actor_options = {**actor_options, "max_restarts": 0, "max_task_retries": 0,
-                              "max_concurrency": self.depth}
+        # SPREAD: workers on as many nodes as possible, so a lost node takes few of them (and the
+        # decoding and network load is shared), unless the caller placed them itself.
+        self.actor_options = {"scheduling_strategy": "SPREAD", **actor_options, "max_restarts": 0,
+                              "max_task_retries": 0, "max_concurrency": self.depth}
         self.max_chunk_attempts = max_chunk_attempts
         self.max_replacements = max_replacements
         self.on_first_worker = on_first_worker
@@ -154,6 +164,7 @@ class Dispatcher:
         slot.generation += 1
         slot.ready = False
         slot.inflight = set()
+        slot.started = set()
         slot.solo = False
         slot.order = []
         self.stats.workers_started += 1
@@ -251,8 +262,8 @@ class Dispatcher:
                     slot.solo = True
                 run.queue.popleft()
                 slot.inflight.add(index)
-                ref = slot.actor.process_chunk.remote(index, run.specs[index].records,
-                                                      run.attempts[index] + 1)
+                ref = slot.actor.run_chunk.options(num_returns="streaming").remote(
+                    index, run.specs[index].records, run.attempts[index] + 1)
                 run.task_refs[ref] = (slot, slot.generation, index)
                 if not slot.order:
                     slot.head_since = time.monotonic()
@@ -278,29 +289,29 @@ class Dispatcher:
                         {k: self.actor_options.get(k) for k in ("num_gpus", "num_cpus")})
 
     def _take_result(self, run: _Run, ref: Any) -> None:
-        """A chunk's task finished: its record, a failed attempt, or its worker's death."""
-        slot, generation, index = run.task_refs.pop(ref)
+        """A chunk's task has news: it started, or its record, a failed attempt, or its worker's
+        death (an attempt counted only if the chunk had started there)."""
+        slot, generation, index = run.task_refs[ref]
         current = generation == slot.generation
-        if current:
-            slot.inflight.discard(index)
-            if slot.order and slot.order[0] == ref:
-                slot.head_since = time.monotonic()
-            slot.order = [r for r in slot.order if r != ref]
         try:
-            record = ray.get(ref)
+            value = ray.get(next(ref))
+        except StopIteration:  # cannot happen (run_chunk yields twice); never hang on it
+            value = RuntimeError("the worker's task ended without a chunk record")
         except RayTaskError as exc:  # the chunk failed, the worker is fine
+            value = exc
+        except RayError as exc:  # the worker died (before or while running the chunk)
+            self._lost_with_chunk(run, ref, exc)
+            return
+        if isinstance(value, str) and value == STARTED:
+            run.begun.add(ref)
+            if current:
+                slot.started.add(index)
+            return
+        self._finished(run, ref)
+        if isinstance(value, BaseException):
             if current and slot.solo and not slot.inflight:
                 slot.solo = False
-            self._attempt_failed(run, index, _short(exc))
-            return
-        except RayError as exc:  # the worker died with the chunk
-            if current:
-                lost_with = slot.inflight | {index}
-                if len(lost_with) > 1:
-                    run.solo.update(lost_with)
-                # The other chunks of this actor fail too; count them as they arrive.
-                self._worker_lost(slot, _short(exc), run.info_refs)
-            self._attempt_failed(run, index, _short(exc))
+            self._attempt_failed(run, index, _short(value))
             return
         if current and slot.solo and not slot.inflight:
             slot.solo = False
@@ -309,9 +320,44 @@ class Dispatcher:
             # workers over a day, and a slot that makes progress is healthy.
             slot.replacements = 0
         run.solo.discard(index)
-        run.done[index] = record
+        run.done[index] = value
         if self.on_done:
-            self.on_done(record)
+            self.on_done(value)
+
+    def _finished(self, run: _Run, ref: Any) -> None:
+        """Forget the task ``ref`` (its chunk is no longer in flight on its slot)."""
+        slot, generation, index = run.task_refs.pop(ref)
+        run.begun.discard(ref)
+        if generation == slot.generation:
+            slot.inflight.discard(index)
+            slot.started.discard(index)
+            if slot.order and slot.order[0] == ref:
+                slot.head_since = time.monotonic()
+            slot.order = [r for r in slot.order if r != ref]
+
+    def _lost_with_chunk(self, run: _Run, ref: Any, exc: BaseException) -> None:
+        """The worker of task ``ref`` died. Its chunk gets an attempt counted only if it had
+        started there; a chunk sent to an already dead worker goes back to the front of the queue
+        as it was."""
+        slot, generation, index = run.task_refs[ref]
+        started = ref in run.begun
+        if generation == slot.generation:
+            # Which chunk killed it is unknown: the chunks that were running there are retried
+            # alone (solo), so an innocent one loses at most one attempt to its neighbour.
+            lost_with = slot.started | ({index} if started else set())
+            if len(lost_with) > 1:
+                run.solo.update(lost_with)
+            self._finished(run, ref)
+            # The other chunks of this actor report as they arrive (each by whether it started).
+            self._worker_lost(slot, _short(exc), run.info_refs)
+        else:
+            self._finished(run, ref)
+        if started:
+            self._attempt_failed(run, index, _short(exc))
+        else:
+            log.info("chunk %d was sent to a worker that had died; requeued (no attempt counted)",
+                     index)
+            run.queue.appendleft(index)
 
     def _kill_timed_out(self, run: _Run) -> None:
         """Kill and replace each worker whose oldest chunk has run past ``chunk_timeout_s``.
@@ -326,12 +372,14 @@ class Dispatcher:
             hung = run.task_refs[slot.order[0]][2]
             for ref in slot.order:
                 _, _, index = run.task_refs.pop(ref)
+                run.begun.discard(ref)
                 if index != hung:
                     run.queue.appendleft(index)
             reason = (f"chunk {hung} timed out after {now - slot.head_since:.0f} s "
                       f"(resources.chunk_timeout_s={self.chunk_timeout_s:g})")
             slot.order = []
             slot.inflight = set()
+            slot.started = set()
             self._worker_lost(slot, reason, run.info_refs)
             self._attempt_failed(run, hung, reason)
 

@@ -10,6 +10,13 @@ looked up in :data:`segdist.proposers.PROPOSERS` and shipped with the settings. 
 3. writes the chunk's files itself (:func:`segdist.proposals.layout.write_chunk`, each file atomic);
 4. writes the chunk record last (:mod:`segdist.job.state`): the chunk's commit marker.
 
+The driver runs a chunk through :meth:`ChunkWorker.run_chunk`, a streaming generator that reports
+"started" before any work: a chunk sent to a worker that had already died never started, and the
+driver requeues it without counting an attempt. A transient storage error (connection,
+throttling, 5xx, timeout) is retried per file, with backoff, for ``resources.storage_retry_s``
+(:func:`segdist.storage_errors.retry`): reads before the model, writes with the encoded file kept
+in memory, so a write failure never recomputes the model.
+
 The actor is threaded (two chunks in flight): one chunk's decoding and writing overlap the other
 chunk's model time, while the lock keeps one proposer call at a time on the device.
 
@@ -40,9 +47,14 @@ from segdist.imageio import DEFAULT_MAX_PIXELS, read_image
 from segdist.job.state import ChunkRecord, chunk_record_uri, relative_to
 from segdist.proposals import layout
 from segdist.proposals.types import ImageProposals
+from segdist.storage_errors import retry
 
 if TYPE_CHECKING:
     from segdist.proposers import Proposer
+
+
+#: What :meth:`ChunkWorker.run_chunk` yields first: the chunk reached a live worker.
+STARTED = "started"
 
 
 @dataclass(frozen=True)
@@ -63,6 +75,7 @@ class WorkerSettings:
     data_storage_options: dict[str, Any] = field(default_factory=dict)
     decode_threads: int = 4
     max_pixels: int = DEFAULT_MAX_PIXELS  # the decoder's pixel limit (dataset.max_pixels)
+    storage_retry_s: float = 0.0  # how long transient storage errors are retried, per file
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ class WorkerInfo:
     pid: int
     error: str | None = None
     user_error: bool = False  # the error is a SegdistError (bad config/weights), not a crash
+    node_id: str | None = None  # the Ray node (several nodes may share a host name)
 
 
 class ChunkWorker:
@@ -102,7 +116,15 @@ class ChunkWorker:
             model_name=getattr(g, "name", None), weights_sha256=getattr(g, "weights_sha256", None),
             device=str(getattr(g, "device", None)) if g is not None else None,
             host=socket.gethostname(), pid=os.getpid(), error=self._error, user_error=self._user_error,
+            node_id=_ray_node_id(),
         )
+
+    def run_chunk(self, index: int, records: Sequence[ImageRecord], attempt: int = 1
+                  ) -> Iterator[str | ChunkRecord]:
+        """:meth:`process_chunk` as a streaming generator: yields :data:`STARTED` first (the chunk
+        reached a live worker), then the committed chunk's record."""
+        yield STARTED
+        yield self.process_chunk(index, records, attempt)
 
     def _decoded(self, records: Sequence[ImageRecord], ahead: int
                  ) -> Iterator[tuple[ImageRecord, np.ndarray | None, str | None, float]]:
@@ -115,8 +137,7 @@ class ChunkWorker:
         def submit_next() -> None:
             r = next(todo, None)
             if r is not None:
-                inflight.append((r, self._pool.submit(read_image, r.uri, opts,
-                                                           self.settings.max_pixels)))
+                inflight.append((r, self._pool.submit(self._read, r.uri, opts)))
 
         for _ in range(ahead):
             submit_next()
@@ -131,6 +152,11 @@ class ChunkWorker:
             # Anything else (StorageError: permission, network) may be transient: it fails the
             # attempt, and the chunk is retried rather than committed without the image.
             yield rec, image, reason, time.perf_counter() - t0
+
+    def _read(self, uri: str, opts: dict[str, Any]) -> np.ndarray:
+        """:func:`read_image`, transient storage errors retried (a bad file is not retried)."""
+        return retry(lambda: read_image(uri, opts, self.settings.max_pixels),
+                     self.settings.storage_retry_s, f"read {uri}")
 
     def _run_model(self, images: list[np.ndarray], ids: list[int]) -> tuple[list[ImageProposals], float]:
         """Proposals for one batch, and the seconds the model ran (not the wait for the lock)."""
@@ -179,13 +205,17 @@ class ChunkWorker:
         del batch_imgs
         t0 = time.perf_counter()
         names = {r.image_id: r.file_name for r in records}
+        # Each file is retried on its own (transient errors, resources.storage_retry_s) with the
+        # encoded bytes in memory: an outage delays the chunk, it does not recompute it.
         files = layout.write_chunk(s.out_uri, index, proposals, s.formats, s.gzip,
-                                   s.out_storage_options, file_names=names, failed=failed)
+                                   s.out_storage_options, file_names=names, failed=failed,
+                                   retry_s=s.storage_retry_s)
         record = ChunkRecord(
             index=index, name=layout.chunk_name(index),
             image_ids=[p.image_id for p in proposals],
             proposals=sum(len(p) for p in proposals),
-            files={k: {"path": relative_to(s.out_uri, v["uri"]), "bytes": v["bytes"]}
+            files={k: {"path": relative_to(s.out_uri, v["uri"]), "bytes": v["bytes"],
+                       **({"etag": v["etag"]} if v.get("etag") else {})}
                    for k, v in files.items()},
             failed=failed, worker=self._name, attempt=attempt,
             # The size this worker decoded: image folders list none (the plan never reads them).
@@ -196,5 +226,17 @@ class ChunkWorker:
         record.seconds = {"decode_wait": round(waited, 4), "model": round(model_s, 4),
                           "write": round(write_s, 4), "total": round(time.perf_counter() - t_start, 4)}
         # The record is the commit marker: it goes last, after every file of the chunk exists.
-        storage.atomic_write(chunk_record_uri(s.out_uri, index), record.to_json(), s.out_storage_options)
+        uri = chunk_record_uri(s.out_uri, index)
+        retry(lambda: storage.atomic_write(uri, record.to_json(), s.out_storage_options),
+              s.storage_retry_s, f"write {uri}")
         return record
+
+
+def _ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # an older Ray, or no runtime context
+        return None
