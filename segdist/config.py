@@ -282,6 +282,9 @@ class OutputConfig(_Strict):
     chunk_size: int = Field(default=500, ge=1)
     gzip: bool = False
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # A local output path on a cluster of more than one node is refused (each node would write to
+    # its own disk) unless this says the path is on a filesystem every node shares (NFS, Lustre).
+    shared_filesystem: bool = False
 
     @field_validator("uri")
     @classmethod
@@ -316,6 +319,10 @@ class ResourcesConfig(_Strict):
     # How long a cluster to join (--address / RAY_ADDRESS) may take to answer before the run stops
     # with an error naming the address (segdist.ray_connect.check_cluster).
     connect_timeout_s: float = Field(default=DEFAULT_CONNECT_TIMEOUT_S, gt=0)
+    # How long a transient storage error (connection, throttling, 5xx, timeout) is retried, per
+    # file, with exponential backoff, before the read or write counts as failed: a worker keeps
+    # its computed chunk in memory meanwhile, the driver its run record and manifest.
+    storage_retry_s: float = Field(default=300.0, ge=0)
 
 
 class JobConfig(_Strict):

@@ -4,19 +4,28 @@ Order of work (each step can stop the run before anything expensive happens):
 
 1. preflight: the output is writable, the weights file exists, the dataset's index loads and its
    first image exists;
-2. the plan: sorted image ids in chunks of ``output.chunk_size`` (an image folder's plan comes
-   after step 3: it keeps the chunks the output already holds, :func:`plan_incremental`);
-3. the output's run record (``_segdist/run.json``): a different config is refused unless
-   ``overwrite``; the record is written before any chunk;
-4. committed chunks (a record and all files present) are skipped;
-5. Ray: an embedded local cluster, or the cluster at ``address`` / RAY_ADDRESS; one worker actor per
+2. the output's lease (``_segdist/lease.json``, :mod:`segdist.job.lease`): a second driver into
+   the same output stops here, naming the holder; released however the run ends;
+3. the plan: sorted image ids in chunks of ``output.chunk_size`` (an image folder's plan comes
+   after step 4: it keeps the chunks the output already holds, :func:`plan_incremental`);
+4. the output's run record (``_segdist/run.json``): a different config is refused unless
+   ``overwrite``; a new record is written only once a worker has loaded the model (step 6), so a
+   run that fails at model load leaves nothing that refuses a corrected config;
+5. committed chunks (a record, and its files there with the recorded sizes / ETags) are skipped;
+   chunks whose files do not match their record are redone and reported;
+6. Ray: an embedded local cluster, or the cluster at ``address`` / RAY_ADDRESS (a local output
+   on more than one node is refused unless ``output.shared_filesystem``); one worker actor per
    GPU (``resources.gpus_per_worker`` each, fractional allowed), or CPU workers on a cluster
    without GPUs, each building the proposer ``PROPOSERS[model.name]`` names (the builder is
    shipped with the worker settings); the first worker's model identity (name, weights sha256) is
-   checked against the run record before any chunk is sent;
-6. the dispatcher runs the remaining chunks (retries, worker replacement);
-7. ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` last; the result says
+   checked against the run record, and the record written, before any chunk is sent;
+7. the dispatcher runs the remaining chunks (retries, worker replacement);
+8. ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` last; the result says
    whether every chunk is committed.
+
+Storage: reads and writes of the driver retry transient errors for ``resources.storage_retry_s``.
+A write that still fails (run record, manifest) does not crash the run: the result is
+incomplete (exit code 1) and its summary says what could not be written.
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ from typing import Any
 
 from segdist import __version__
 from segdist.config import JobConfig, public_dict
-from segdist.errors import ConfigError, SegdistError
+from segdist.errors import ConfigError, SegdistError, StorageError
 from segdist.data.records import Dataset
-from segdist.job import manifest, preflight, state
+from segdist.job import lease, manifest, preflight, state
 from segdist.job.dispatch import ChunkFailure, DispatchStats, Dispatcher
 from segdist.job.plan import ChunkSpec, plan_chunks, plan_incremental
 from segdist.job.progress import JobProgress
@@ -40,6 +49,7 @@ from segdist.job.worker import WorkerInfo, WorkerSettings
 from segdist.proposals import layout
 from segdist.proposals.layout import chunk_name
 from segdist.ray_connect import connect_ray, shutdown_ray
+from segdist.storage_errors import retry
 
 log = logging.getLogger("segdist.job")
 
@@ -66,16 +76,25 @@ class JobResult:
     written_chunks: list[int] = field(default_factory=list)  # indices processed by this run
     # the first few bad images ({"image_id", "file_name", "reason", ...}); the manifest has them all
     failed_images: list[dict[str, Any]] = field(default_factory=list)
+    # chunks whose record existed but whose files did not match it (redone): index -> why
+    chunks_redone: dict[int, str] = field(default_factory=dict)
+    # what stopped the run or could not be written (run record, manifest), one line each
+    problems: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
+        committed = self.chunks_skipped + self.chunks_written
         lines = [
-            f"{'complete' if self.complete else 'INCOMPLETE'}: {self.chunks_total - len(self.chunks_failed)}"
+            f"{'complete' if self.complete else 'INCOMPLETE'}: {committed}"
             f"/{self.chunks_total} chunks committed ({self.chunks_written} written now, "
             f"{self.chunks_skipped} already committed), {self.images_written} images, "
             f"{self.proposals} proposals, {self.images_failed} bad images skipped",
             f"this run: {self.seconds:.1f} s, {self.images_per_second:.2f} images/s",
             f"output: {self.output_uri}  manifest: {self.manifest_uri}",
         ]
+        for problem in self.problems:
+            lines.append(problem)
+        for index, why in sorted(self.chunks_redone.items()):
+            lines.append(f"redone chunk {index}: {why}")
         for f in self.chunks_failed:
             lines.append(f"failed chunk {f.index} after {f.attempts} attempts: "
                          f"{f.errors[-1] if f.errors else '?'}")
@@ -155,6 +174,7 @@ class _Dispatched:
     first_worker: WorkerInfo | None = None
     first_ready_s: float | None = None
     seconds: float = 0.0
+    stopped: str | None = None  # why the run stopped before its chunks ran (a storage failure)
 
 
 def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = False,
@@ -162,17 +182,31 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     """Run the proposal job for ``cfg`` (see the module docstring); returns what it did.
 
     Raises SegdistError before any worker starts when the output is not writable, the dataset is
-    not readable, or the output holds a different run's proposals (and ``overwrite`` is false).
+    not readable, the output holds a different run's proposals (and ``overwrite`` is false), or
+    another driver holds the output's lease.
     """
     started = manifest.utc_now()
     t_start = time.perf_counter()
     cfg = absolute_local_paths(cfg)
     out = cfg.output.uri.rstrip("/") or cfg.output.uri
     dataset, plan = _preflight(cfg)
+    hold = lease.acquire(out, cfg.output.storage_options)
+    try:
+        return _run(cfg, out, dataset, plan, address, overwrite, progress, started, t_start)
+    finally:
+        hold.release()
+
+
+def _run(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | None,
+         address: str | None, overwrite: bool, progress: bool, started: str, t_start: float
+         ) -> JobResult:
+    """Steps 3-8, with the output's lease held."""
+    retry_s = cfg.resources.storage_retry_s
     record = _claim_output(cfg, out, overwrite, created=started)
     plan = _plan(cfg, out, dataset, plan)
-    committed = state.committed_chunks(out, len(plan), cfg.output.storage_options,
-                                       [c.image_ids for c in plan])
+    scan = state.scan_committed(out, len(plan), cfg.output.storage_options,
+                                [c.image_ids for c in plan], retry_s)
+    committed = scan.committed
     todo = [c for c in plan if c.index not in committed]
     if committed:
         log.info("resuming: %d of %d chunks already committed, %d to do", len(committed), len(plan),
@@ -180,18 +214,20 @@ def run_job(cfg: JobConfig, *, address: str | None = None, overwrite: bool = Fal
     run = _Dispatched()
     if todo:
         run = _dispatch(cfg, out, dataset, plan, committed, todo, record, address, progress)
-    doc, manifest_uri = _write_manifest(cfg, out, dataset, plan, committed, run, record, started,
-                                        t_start)
+    doc, manifest_uri, manifest_error = _write_manifest(cfg, out, dataset, plan, committed, run,
+                                                        record, started, t_start)
+    problems = [p for p in (run.stopped, manifest_error) if p]
     images_now = sum(r.images + len(r.failed) for r in run.done.values())
     result = JobResult(
-        complete=doc["complete"], output_uri=out, manifest_uri=manifest_uri,
+        complete=doc["complete"] and not problems, output_uri=out, manifest_uri=manifest_uri,
         chunks_total=len(plan), chunks_skipped=len(committed), chunks_written=len(run.done),
         chunks_failed=sorted(run.failures.values(), key=lambda f: f.index),
         images_total=len(dataset), images_written=doc["totals"]["images"],
         images_failed=doc["totals"]["images_failed"], proposals=doc["totals"]["proposals"],
         seconds=run.seconds,
         images_per_second=images_now / run.seconds if run.done and run.seconds > 0 else 0.0,
-        written_chunks=sorted(run.done), failed_images=doc["failed_images"][:SUMMARY_BAD_IMAGES])
+        written_chunks=sorted(run.done), failed_images=doc["failed_images"][:SUMMARY_BAD_IMAGES],
+        chunks_redone=dict(scan.damaged), problems=problems)
     log.debug("%s", result.summary())
     return result
 
@@ -208,14 +244,21 @@ def _preflight(cfg: JobConfig) -> tuple[Dataset, list[ChunkSpec] | None]:
 
 
 def _claim_output(cfg: JobConfig, out: str, overwrite: bool, created: str) -> state.RunRecord:
-    """Step 3: the output's run record: this config's (written now when new), or a refusal when
-    the output holds another config's proposals (unless ``overwrite``: they are removed)."""
+    """Step 4: the output's run record: this config's (a new one is written once a worker has
+    loaded the model, see :func:`_dispatch`), or a refusal when the output holds another config's
+    proposals (unless ``overwrite``: they are removed)."""
     opts = cfg.output.storage_options
+    retry_s = cfg.resources.storage_retry_s
     settings = state.output_settings(cfg)
     fp = state.fingerprint(settings)
-    record = state.read_run_record(out, opts)
+    record = state.read_run_record(out, opts, retry_s)
+    if record is not None and record.model_name is None:
+        # Provisional: a run that never got a worker to load its model wrote no chunk under it
+        # (segdist before 0.x wrote the record before loading); a corrected config may proceed.
+        log.info("%s: replacing the run record of a run that never loaded its model", out)
+        record = None
     if overwrite:
-        if record is not None or state.has_proposal_files(out, opts):
+        if record is not None or state.has_proposal_files(out, opts, retry_s):
             log.warning("--overwrite: removing the previous run's files under %s", out)
             state.clear_output(out, opts)
         record = None
@@ -224,14 +267,13 @@ def _claim_output(cfg: JobConfig, out: str, overwrite: bool, created: str) -> st
         raise SegdistError(
             f"{out} holds proposals made with a different config ({'; '.join(diff[:6])}). "
             "Use a new output.uri, or pass --overwrite to replace them.")
-    elif record is None and state.has_proposal_files(out, opts):
+    elif record is None and state.has_proposal_files(out, opts, retry_s):
         raise SegdistError(
             f"{out} already holds proposal files that no segdist run record describes; "
             "use a new output.uri, or pass --overwrite to replace them.")
     if record is None:
         record = state.RunRecord(fingerprint=fp, settings=settings, segdist_version=__version__,
                                  created=created)
-        state.write_run_record(out, record, opts)
     return record
 
 
@@ -241,7 +283,8 @@ def _plan(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | No
     (:func:`plan_incremental`), made once the output's records are known to be this config's."""
     if plan is None:
         plan = plan_incremental(dataset.images, cfg.output.chunk_size,
-                                state.recorded_chunk_ids(out, cfg.output.storage_options))
+                                state.recorded_chunk_ids(out, cfg.output.storage_options,
+                                                         cfg.resources.storage_retry_s))
     log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
              len(dataset), len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
     return plan
@@ -250,10 +293,13 @@ def _plan(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | No
 def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
               committed: dict[int, state.ChunkRecord], todo: list[ChunkSpec],
               record: state.RunRecord, address: str | None, progress: bool) -> _Dispatched:
-    """Steps 5-6: Ray, the workers, and the remaining chunks through the dispatcher."""
+    """Steps 6-7: Ray, the workers, and the remaining chunks through the dispatcher."""
+    import ray
+
     from segdist.proposers import PROPOSERS
 
     opts = cfg.output.storage_options
+    retry_s = cfg.resources.storage_retry_s
     run = _Dispatched()
     t_run = time.perf_counter()
     started_ray = connect_ray(address, connect_timeout_s=cfg.resources.connect_timeout_s,
@@ -261,6 +307,7 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
     skipped_images = sum(r.images + len(r.failed) for r in committed.values())
     bar = JobProgress(len(dataset), len(plan), skipped_images, len(committed), enabled=progress)
     try:
+        preflight.check_output_shared(cfg.output, sum(1 for n in ray.nodes() if n.get("Alive")))
         n_workers, options = _worker_resources(cfg, len(todo), embedded=started_ray)
         log.info("starting %d worker(s) with %s", n_workers, options)
 
@@ -273,8 +320,10 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
                     f"{record.weights_sha256}), but this run loads {info.model_name} (weights "
                     f"sha256 {info.weights_sha256}). Use a new output.uri, or --overwrite.")
             if record.model_name is None:
+                # The output is claimed now, before any chunk: a run that failed to load its
+                # model left nothing behind. A StorageError here (after retries) stops the run.
                 record.model_name, record.weights_sha256 = info.model_name, info.weights_sha256
-                state.write_run_record(out, record, opts)
+                state.write_run_record(out, record, opts, retry_s)
             run.first_worker = info
 
         def attempt_failed(index: int, error: str, final: bool) -> None:
@@ -286,14 +335,19 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
             model=cfg.model, builder=PROPOSERS[cfg.model.name], out_uri=out,
             formats=tuple(cfg.output.formats), gzip=cfg.output.gzip,
             out_storage_options=dict(opts), data_storage_options=dict(dataset.storage_options),
-            decode_threads=cfg.resources.decode_threads, max_pixels=cfg.dataset.max_pixels)
+            decode_threads=cfg.resources.decode_threads, max_pixels=cfg.dataset.max_pixels,
+            storage_retry_s=retry_s)
         dispatcher = Dispatcher(
             wsettings, n_workers, options, max_chunk_attempts=cfg.resources.max_chunk_attempts,
             max_replacements=cfg.resources.max_actor_restarts, on_first_worker=check_model,
             on_done=lambda rec: bar.chunk_done(rec.images, len(rec.failed)),
             on_failed_attempt=attempt_failed, on_tick=bar.tick,
             chunk_timeout_s=cfg.resources.chunk_timeout_s)
-        run.done, run.failures = dispatcher.run(todo)
+        try:
+            run.done, run.failures = dispatcher.run(todo)
+        except StorageError as exc:  # only the run record's write raises it here
+            run.stopped = f"stopped before any chunk: the run record could not be written: {exc}"
+            log.error("%s", run.stopped)
         run.stats = dispatcher.stats
     finally:
         bar.close()
@@ -306,19 +360,51 @@ def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
 def _write_manifest(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],
                     committed: dict[int, state.ChunkRecord], run: _Dispatched,
                     record: state.RunRecord, started: str, t_start: float
-                    ) -> tuple[dict[str, Any], str]:
-    """Step 7: ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` from every
-    committed chunk's record, written last; (the manifest, its URI)."""
+                    ) -> tuple[dict[str, Any], str, str | None]:
+    """Step 8: ``coco-json/images.json`` (with COCO-JSON output), then ``manifest.json`` from every
+    committed chunk's record, written last; (the manifest, its URI, None or why it could not be
+    written: a storage failure after ``resources.storage_retry_s`` does not crash the run)."""
     opts = cfg.output.storage_options
+    retry_s = cfg.resources.storage_retry_s
     model_info = {"name": record.model_name or cfg.model.name, "weights": cfg.model.weights.text(),
                   "weights_sha256": record.weights_sha256}
     if run.first_worker is not None:
         model_info["device"] = run.first_worker.device
+    timings = _timings(run, started, t_start)
+    failed_list = [{"index": f.index, "name": chunk_name(f.index), "attempts": f.attempts,
+                    "errors": f.errors} for f in sorted(run.failures.values(), key=lambda f: f.index)]
+    records = {**committed, **run.done}
+    images = manifest.image_index(records, dataset.by_id())
+    dataset_info = {"name": dataset.name, "format": cfg.dataset.format, "images": len(dataset)}
+    if dataset.skipped:
+        dataset_info["skipped_files"] = dict(sorted(dataset.skipped.items()))
+    runs = _previous_runs(out, opts, retry_s) + ([timings] if run.done else [])
+    doc = manifest.build_manifest(
+        config=public_dict(cfg), model=model_info, dataset=dataset_info,
+        chunk_size=cfg.output.chunk_size, n_chunks=len(plan), records=records,
+        failed_chunks=failed_list, timings=timings, images=images, runs=runs)
+    uri = layout.manifest_uri(out)
+    try:
+        if "coco-json" in cfg.output.formats:
+            retry(lambda: layout.write_images_index(out, images, opts), retry_s,
+                  "write coco-json/images.json")
+        retry(lambda: manifest.write_manifest(out, doc, opts), retry_s, f"write {uri}")
+    except StorageError as exc:
+        log.error("the manifest could not be written: %s", exc)
+        return doc, uri, (f"the manifest could not be written ({exc}); re-run the same command "
+                          "to write it (committed chunks are skipped)")
+    return doc, uri, None
+
+
+def _timings(run: _Dispatched, started: str, t_start: float) -> dict[str, Any]:
+    """This run's timings, workers and counts (the manifest's ``timings``, and its entry in
+    ``runs`` when it wrote chunks)."""
     images_now = sum(r.images + len(r.failed) for r in run.done.values())
     timings: dict[str, Any] = {
         "started": started, "finished": manifest.utc_now(),
         "wall_seconds": round(time.perf_counter() - t_start, 3),
         "run_seconds": round(run.seconds, 3),
+        "chunks_written": len(run.done),
         "images_processed_now": images_now,
         "images_per_second": (round(images_now / run.seconds, 4)
                               if run.done and run.seconds > 0 else None),
@@ -331,17 +417,25 @@ def _write_manifest(cfg: JobConfig, out: str, dataset: Dataset, plan: list[Chunk
         timings["workers_started"] = run.stats.workers_started
         timings["workers_replaced"] = run.stats.workers_replaced
         timings["failed_attempts"] = run.stats.attempts_failed
-    failed_list = [{"index": f.index, "name": chunk_name(f.index), "attempts": f.attempts,
-                    "errors": f.errors} for f in sorted(run.failures.values(), key=lambda f: f.index)]
-    records = {**committed, **run.done}
-    images = manifest.image_index(records, dataset.by_id())
-    if "coco-json" in cfg.output.formats:
-        layout.write_images_index(out, images, opts)
-    dataset_info = {"name": dataset.name, "format": cfg.dataset.format, "images": len(dataset)}
-    if dataset.skipped:
-        dataset_info["skipped_files"] = dict(sorted(dataset.skipped.items()))
-    doc = manifest.build_manifest(
-        config=public_dict(cfg), model=model_info, dataset=dataset_info,
-        chunk_size=cfg.output.chunk_size, n_chunks=len(plan), records=records,
-        failed_chunks=failed_list, timings=timings, images=images)
-    return doc, manifest.write_manifest(out, doc, opts)
+        # Every worker that loaded the model, where: a Ray node id tells apart nodes that share
+        # a host name (containers, or the test's nodes on one machine).
+        timings["workers"] = [{"host": w.host, "node_id": w.node_id, "pid": w.pid,
+                               "device": w.device} for w in run.stats.worker_infos]
+    return timings
+
+
+def _previous_runs(out: str, opts: dict[str, Any], retry_s: float) -> list[dict[str, Any]]:
+    """The ``runs`` of the manifest a previous run left (its ``timings`` as one run when it is
+    older than the list and wrote chunks); an unreadable manifest counts as none."""
+    try:
+        prev = state.read_json(layout.manifest_uri(out), opts, retry_s)
+    except SegdistError as exc:
+        log.warning("the previous manifest could not be read (%s); its run timings are dropped",
+                    exc)
+        return []
+    if not isinstance(prev, dict):
+        return []
+    if isinstance(prev.get("runs"), list):
+        return list(prev["runs"])
+    timings = prev.get("timings")
+    return [timings] if isinstance(timings, dict) and timings.get("images_processed_now") else []

@@ -2,9 +2,11 @@
 
 It records the config (credentials redacted), the model and its weights' sha256, package versions,
 every committed chunk with its image and proposal counts and file names (relative to the output),
-the images that failed and why, the chunks that failed, timings, and ``file_names``: every image
-id the committed chunks account for -> the image's file name (its path relative to the dataset).
-``complete`` is true only when every chunk of the plan is committed.
+the images that failed and why, the chunks that failed, timings (``timings``: this run's;
+``runs``: those of every run that wrote chunks into the output, oldest first), the hosts whose
+workers wrote the committed chunks, and ``file_names``: every image id the committed chunks account
+for -> the image's file name (its path relative to the dataset). ``complete`` is true only when
+every chunk of the plan is committed.
 """
 
 from __future__ import annotations
@@ -64,9 +66,11 @@ def image_index(records: Mapping[int, ChunkRecord],
 def build_manifest(*, config: Mapping[str, Any], model: Mapping[str, Any], dataset: Mapping[str, Any],
                    chunk_size: int, n_chunks: int, records: Mapping[int, ChunkRecord],
                    failed_chunks: list[Mapping[str, Any]], timings: Mapping[str, Any],
-                   images: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                   images: list[Mapping[str, Any]] | None = None,
+                   runs: list[Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The manifest as plain data (see the module docstring); ``records`` by chunk index,
-    ``images`` what :func:`image_index` gives for them (for ``file_names``)."""
+    ``images`` what :func:`image_index` gives for them (for ``file_names``), ``runs`` the timings
+    of every run that wrote chunks (this one included, when it did)."""
     chunks = []
     failed_images = []
     for index in sorted(records):
@@ -99,6 +103,9 @@ def build_manifest(*, config: Mapping[str, Any], model: Mapping[str, Any], datas
         "failed_images": failed_images,
         "failed_chunks": list(failed_chunks),
         "timings": dict(timings),
+        "runs": [dict(r) for r in runs or ()],
+        # A record's worker is "host:pid".
+        "hosts": sorted({rec.worker.rsplit(":", 1)[0] for rec in records.values() if rec.worker}),
         # JSON keys are strings: {"2026000001": "images/2026_000001.jpg", ...}, ascending id.
         "file_names": {str(i): name for i, name in sorted(
             [*((int(e["id"]), e["file_name"]) for e in images or ()),
@@ -109,6 +116,7 @@ def build_manifest(*, config: Mapping[str, Any], model: Mapping[str, Any], datas
 
 def write_manifest(out_uri: str, manifest: Mapping[str, Any],
                    storage_options: Mapping[str, Any] | None = None) -> str:
+    """Write ``OUT/manifest.json`` (atomically); returns its URI."""
     uri = storage.join(out_uri, MANIFEST)
     storage.atomic_write(uri, json.dumps(manifest, indent=1).encode(), storage_options)
     return uri

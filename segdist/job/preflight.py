@@ -7,6 +7,7 @@ from segdist import storage
 from segdist.config import OUTPUT_URI_PLACEHOLDER, DatasetConfig, ModelConfig, OutputConfig
 from segdist.data.records import Dataset
 from segdist.errors import ConfigError, SegdistError, StorageError
+from segdist.storage_errors import from_storage_library, translate
 
 
 def check_output(output: OutputConfig) -> None:
@@ -31,6 +32,10 @@ def load_checked_dataset(cfg: DatasetConfig) -> Dataset:
     except (OSError, ValueError, KeyError) as exc:
         raise StorageError(f"cannot read the {cfg.format} dataset at {where}: "
                            f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # a storage client's own error (no credentials, no endpoint)
+        if not from_storage_library(exc):
+            raise
+        raise translate(exc, where, "read the dataset at") from exc
     if len(dataset) == 0:
         fields = ("dataset.extensions, dataset.glob" if cfg.format == "images"
                   else "dataset.split")
@@ -73,3 +78,16 @@ def check_weights(model: ModelConfig) -> None:
         raise StorageError(f"cannot reach model.weights {ref.uri}: {exc}") from exc
     if not found:
         raise StorageError(f"model.weights {ref.uri} does not exist; check the URI")
+
+
+def check_output_shared(output: OutputConfig, nodes: int) -> None:
+    """Refuse a local output path on a cluster of ``nodes`` > 1 nodes, unless
+    ``output.shared_filesystem`` says every node mounts it: each node's workers would otherwise
+    write their chunks to their own disk, and the output would be scattered and incomplete."""
+    if nodes <= 1 or output.shared_filesystem or not storage.is_local(output.uri):
+        return
+    raise ConfigError(
+        f"output.uri {output.uri} is a local path, but the Ray cluster has {nodes} nodes: each "
+        "would write its chunks to its own disk. Write to an object store (s3://..., gs://...), "
+        "or set output.shared_filesystem=true if the path is on a filesystem every node mounts "
+        "(NFS, Lustre, ...)")

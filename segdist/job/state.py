@@ -2,7 +2,9 @@
 
 Layout (beside the chunk files of :mod:`segdist.proposals.layout`)::
 
-    OUT/_segdist/run.json                    written FIRST: the settings that shape the output
+    OUT/_segdist/lease.json                  the driver writing the output now (segdist.job.lease)
+    OUT/_segdist/run.json                    written before any chunk, once a worker has loaded
+                                             the model: the settings that shape the output
     OUT/_segdist/chunks/chunk-000012.json    written by a worker AFTER the chunk's files: its record
     OUT/manifest.json                        written LAST by the driver
 
@@ -11,6 +13,11 @@ whether the output was made with the same dataset, model and format settings; a 
 unless the user asks to overwrite. A chunk record is the chunk's commit marker: it is written (atomically)
 only after all of the chunk's files exist, and it carries what the manifest needs (image and proposal
 counts, file names, failed images) so that a resumed run does not have to re-read skipped chunks.
+It also holds each file's size and, where the store returned one with the write (S3), its ETag: a
+resumed run counts a chunk as committed only if its files still have them (:func:`scan_committed`).
+
+Every read and write here takes ``retry_s``: transient storage errors are retried for that long
+(:func:`segdist.storage_errors.retry`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from segdist.errors import SegdistError, StorageError
 from segdist.imageio import DEFAULT_MAX_PIXELS
 from segdist.proposals import layout
 from segdist.proposals.layout import CHUNK_PREFIX, CHUNKS_DIR, MANIFEST, RUN_FILE, STATE_DIR
+from segdist.storage_errors import is_missing, retry, translated
 
 log = logging.getLogger(__name__)
 _RECORD_FILE = re.compile("^" + re.escape(CHUNK_PREFIX) + r"(\d{6,})\.json$")
@@ -119,14 +127,15 @@ class RunRecord:
         return json.dumps(asdict(self), indent=1, sort_keys=True).encode()
 
 
-def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+def read_json(uri: str, storage_options: Mapping[str, Any] | None = None,
+              retry_s: float = 0.0) -> dict[str, Any] | None:
     """The JSON object at ``uri``, or None when there is none."""
     try:
-        data = storage.read_bytes(uri, storage_options)
-    except StorageError:
-        if storage.exists(uri, storage_options):
-            raise
-        return None
+        data = retry(lambda: storage.read_bytes(uri, storage_options), retry_s, f"read {uri}")
+    except StorageError as exc:
+        if is_missing(exc):
+            return None
+        raise
     try:
         return json.loads(data)
     except ValueError as exc:
@@ -134,27 +143,32 @@ def read_json(uri: str, storage_options: Mapping[str, Any] | None = None) -> dic
                            "or was damaged: remove it or use --overwrite") from None
 
 
-def read_run_record(out_uri: str, storage_options: Mapping[str, Any] | None) -> RunRecord | None:
-    raw = read_json(state_uri(out_uri, RUN_FILE), storage_options)
+def read_run_record(out_uri: str, storage_options: Mapping[str, Any] | None,
+                    retry_s: float = 0.0) -> RunRecord | None:
+    raw = read_json(state_uri(out_uri, RUN_FILE), storage_options, retry_s)
     if raw is None:
         return None
     known = set(RunRecord.__dataclass_fields__)
     return RunRecord(**{k: v for k, v in raw.items() if k in known})
 
 
-def write_run_record(out_uri: str, record: RunRecord, storage_options: Mapping[str, Any] | None) -> None:
-    storage.atomic_write(state_uri(out_uri, RUN_FILE), record.to_json(), storage_options)
+def write_run_record(out_uri: str, record: RunRecord, storage_options: Mapping[str, Any] | None,
+                     retry_s: float = 0.0) -> None:
+    uri = state_uri(out_uri, RUN_FILE)
+    retry(lambda: storage.atomic_write(uri, record.to_json(), storage_options), retry_s,
+          f"write {uri}")
 
 
-def _list_names(uri: str, storage_options: Mapping[str, Any] | None) -> set[str]:
+def _list(uri: str, storage_options: Mapping[str, Any] | None, retry_s: float = 0.0
+          ) -> dict[str, dict[str, Any]]:
+    """The files directly under the folder ``uri``: name -> {"size", "etag"} (one listing)."""
+    return retry(lambda: storage.list_dir(uri, storage_options), retry_s, f"list {uri}")
+
+
+def _list_names(uri: str, storage_options: Mapping[str, Any] | None, retry_s: float = 0.0
+                ) -> set[str]:
     """Base names of the files directly under the folder ``uri`` (empty when it does not exist)."""
-    fs, path = storage.url_to_fs(uri, storage_options)
-    # s3fs caches listings; a listing from before this run's writes would hide new files.
-    fs.invalidate_cache()
-    try:
-        return {posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)}
-    except FileNotFoundError:
-        return set()
+    return set(_list(uri, storage_options, retry_s))
 
 
 @dataclass
@@ -196,36 +210,70 @@ class ChunkRecord:
         return cls(**{k: v for k, v in raw.items() if k in known})
 
 
-def _read_records(out_uri: str, indices: Sequence[int],
-                  storage_options: Mapping[str, Any] | None) -> dict[int, ChunkRecord]:
+def _read_records(out_uri: str, indices: Sequence[int], storage_options: Mapping[str, Any] | None,
+                  retry_s: float = 0.0) -> dict[int, ChunkRecord]:
     with ThreadPoolExecutor(8) as pool:
-        raws = list(pool.map(lambda i: read_json(chunk_record_uri(out_uri, i), storage_options),
-                             indices))
+        raws = list(pool.map(
+            lambda i: read_json(chunk_record_uri(out_uri, i), storage_options, retry_s), indices))
     return {i: ChunkRecord.from_dict(raw) for i, raw in zip(indices, raws) if raw is not None}
 
 
-def recorded_chunk_ids(out_uri: str, storage_options: Mapping[str, Any] | None
-                       ) -> dict[int, list[int]]:
+def recorded_chunk_ids(out_uri: str, storage_options: Mapping[str, Any] | None,
+                       retry_s: float = 0.0) -> dict[int, list[int]]:
     """Chunk index -> the image ids its record covers, for every chunk record under the output
     (whether or not its files are all there): what :func:`segdist.job.plan.plan_incremental`
     keeps in place."""
-    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
+    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options, retry_s)
     indices = sorted(int(m.group(1)) for m in map(_RECORD_FILE.match, names) if m)
-    return {i: rec.covered_ids for i, rec in _read_records(out_uri, indices, storage_options).items()}
+    return {i: rec.covered_ids
+            for i, rec in _read_records(out_uri, indices, storage_options, retry_s).items()}
 
 
-def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, Any] | None,
-                     plan_ids: Sequence[Sequence[int]] | None = None) -> dict[int, ChunkRecord]:
-    """Chunks of this plan that a previous run committed: a record exists and all its files do.
+@dataclass
+class ResumeScan:
+    """What :func:`scan_committed` found: the committed chunks, and the chunks whose record
+    exists but whose files no longer match it (``index -> why``: missing, another size, another
+    ETag), which are redone."""
+
+    committed: dict[int, ChunkRecord] = field(default_factory=dict)
+    damaged: dict[int, str] = field(default_factory=dict)
+
+
+def _file_mismatch(path: str, recorded: Mapping[str, Any], listed: Mapping[str, Any] | None
+                   ) -> str | None:
+    """Why the file ``path`` of a chunk record does not match the record, or None if it does.
+
+    Sizes are compared always (records list every file's bytes); ETags where both the record and
+    the listing have one (S3: the ETag of the PUT, recorded by the worker; local files have none,
+    and the size is the check).
+    """
+    if listed is None:
+        return f"{path} is missing"
+    size, want = listed.get("size"), recorded.get("bytes")
+    if want is not None and size is not None and int(size) != int(want):
+        return f"{path} has {size} bytes, its record says {want}"
+    etag, want_etag = listed.get("etag"), recorded.get("etag")
+    if want_etag and etag and etag != want_etag:
+        return f"{path} changed since it was written (ETag {etag}, its record says {want_etag})"
+    return None
+
+
+def scan_committed(out_uri: str, n_chunks: int, storage_options: Mapping[str, Any] | None,
+                   plan_ids: Sequence[Sequence[int]] | None = None, retry_s: float = 0.0
+                   ) -> ResumeScan:
+    """Chunks of this plan that a previous run committed: a record exists, and each file it lists
+    exists with the recorded size (and ETag, where recorded); the chunks whose files do not match
+    their record are returned as damaged (and are redone).
 
     With ``plan_ids`` (the image ids of each chunk of the plan), a record also has to cover exactly
     its chunk's images (written or recorded as failed): the dataset behind the same URI may have
     changed since, and a chunk of other images is redone rather than skipped. A record of a chunk
     beyond the plan (the dataset shrank) is refused: its files would stay in the output.
 
-    Lists each folder once instead of probing every file (thousands of HEAD requests on S3).
+    Lists each folder once (with sizes and ETags) instead of probing every file (thousands of
+    HEAD requests on S3).
     """
-    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options)
+    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options, retry_s)
     if plan_ids is not None:
         wanted_names = {layout.chunk_name(i) + ".json" for i in range(n_chunks)}
         beyond = sorted(n for n in names if n.startswith(CHUNK_PREFIX) and n.endswith(".json")
@@ -236,31 +284,37 @@ def committed_chunks(out_uri: str, n_chunks: int, storage_options: Mapping[str, 
                 f"{', ...' if len(beyond) > 3 else ''}): the dataset has fewer images than when the "
                 "output was started. Use a new output.uri, or pass --overwrite to replace them.")
     wanted = [i for i in range(n_chunks) if layout.chunk_name(i) + ".json" in names]
+    scan = ResumeScan()
     if not wanted:
-        return {}
-    present: dict[str, set[str]] = {}
-    out: dict[int, ChunkRecord] = {}
-    for i, rec in _read_records(out_uri, wanted, storage_options).items():
+        return scan
+    listings: dict[str, dict[str, dict[str, Any]]] = {}
+    for i, rec in _read_records(out_uri, wanted, storage_options, retry_s).items():
         if plan_ids is not None and sorted(rec.covered_ids) != sorted(plan_ids[i]):
             log.warning("%s: its record lists other images than this run's plan (the dataset "
                         "changed since); redoing it", rec.name)
             continue
-        ok = True
+        problems = []
         for info in rec.files.values():
             folder, base = posixpath.split(info["path"])
-            if folder not in present:
-                present[folder] = _list_names(storage.join(out_uri, folder), storage_options)
-            ok = ok and base in present[folder]
-        if ok:
-            out[i] = rec
-    return out
+            if folder not in listings:
+                listings[folder] = _list(storage.join(out_uri, folder), storage_options, retry_s)
+            problem = _file_mismatch(info["path"], info, listings[folder].get(base))
+            if problem:
+                problems.append(problem)
+        if problems:
+            scan.damaged[i] = "; ".join(problems)
+            log.warning("%s is redone: %s", rec.name, scan.damaged[i])
+        else:
+            scan.committed[i] = rec
+    return scan
 
 
-def has_proposal_files(out_uri: str, storage_options: Mapping[str, Any] | None) -> bool:
+def has_proposal_files(out_uri: str, storage_options: Mapping[str, Any] | None,
+                       retry_s: float = 0.0) -> bool:
     """Whether the output already holds chunk files or a manifest (of any run)."""
-    if storage.exists(storage.join(out_uri, MANIFEST), storage_options):
+    if MANIFEST in _list_names(out_uri, storage_options, retry_s):
         return True
-    return any(_list_names(storage.join(out_uri, d), storage_options)
+    return any(_list_names(storage.join(out_uri, d), storage_options, retry_s)
                for d in (layout.PARQUET_DIR, layout.COCO_DIR))
 
 
@@ -269,10 +323,16 @@ def clear_output(out_uri: str, storage_options: Mapping[str, Any] | None) -> Non
     nothing else under ``out_uri``.
 
     In the format folders only chunk files (and temporary files a killed writer left) go: other
-    files there are not the job's.
+    files there are not the job's. The lease stays (the driver clearing the output holds it).
     """
+    with translated(out_uri, "clear"):
+        _clear(out_uri, storage_options)
+
+
+def _clear(out_uri: str, storage_options: Mapping[str, Any] | None) -> None:
     fs, _ = storage.url_to_fs(out_uri, storage_options)
-    for part in (MANIFEST, STATE_DIR, f"{layout.COCO_DIR}/{layout.IMAGES_INDEX}"):
+    for part in (MANIFEST, f"{STATE_DIR}/{RUN_FILE}", f"{STATE_DIR}/{CHUNKS_DIR}",
+                 f"{layout.COCO_DIR}/{layout.IMAGES_INDEX}"):
         _, path = storage.url_to_fs(storage.join(out_uri, part), storage_options)
         with contextlib.suppress(FileNotFoundError):
             if fs.exists(path):

@@ -8,7 +8,8 @@ these names (the job, the proposal store and the evaluation all ask it)::
     OUT/coco-json/chunk-000012.bbox.json[.gz]
     OUT/coco-json/images.json                   the run's images (id, file_name, height, width)
     OUT/manifest.json                            written last by the job's driver
-    OUT/_segdist/run.json                        the job's run record (written first)
+    OUT/_segdist/run.json                        the job's run record (written before any chunk)
+    OUT/_segdist/lease.json                      the driver writing the output now
     OUT/_segdist/chunks/chunk-000012.json        the job's per-chunk commit records
     OUT/eval/                                    ``segdist evaluate``'s report (default place)
 
@@ -28,6 +29,7 @@ from segdist import storage
 from segdist.proposals import cocojson
 from segdist.proposals import parquet as parquet_format
 from segdist.proposals.types import ImageProposals
+from segdist.storage_errors import retry
 
 FORMATS = ("coco-json", "parquet")
 PARQUET_DIR = "parquet"
@@ -36,6 +38,7 @@ IMAGES_INDEX = "images.json"  # beside the COCO-JSON chunks: written by the job 
 MANIFEST = "manifest.json"
 STATE_DIR = "_segdist"
 RUN_FILE = "run.json"
+LEASE_FILE = "lease.json"  # the driver writing the output now (segdist.job.lease)
 CHUNKS_DIR = "chunks"
 EVAL_DIR = "eval"
 CHUNK_PREFIX = "chunk-"
@@ -123,7 +126,8 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
                 gzip: bool = False, storage_options: Mapping[str, Any] | None = None, *,
                 row_group_rows: int = parquet_format.ROW_GROUP_ROWS,
                 file_names: Mapping[int, str] | None = None,
-                failed: Sequence[Mapping[str, Any]] = ()) -> dict[str, dict[str, Any]]:
+                failed: Sequence[Mapping[str, Any]] = (),
+                retry_s: float = 0.0) -> dict[str, dict[str, Any]]:
     """Write chunk ``i`` in the given formats, each file atomically; images sorted by id.
 
     Args:
@@ -137,8 +141,11 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
             file's per-image metadata (COCO results have no place for it: ``images.json``).
         failed: the chunk's images that could not be processed (``image_id``, ``file_name``,
             ``reason``); the Parquet file's metadata lists them (COCO results cannot).
+        retry_s: how long a transient storage error is retried per file (backoff with jitter,
+            :func:`segdist.storage_errors.retry`), the encoded file kept in memory meanwhile.
     Returns:
-        ``{key: {"uri", "bytes", "images", "proposals"}}`` for every file written.
+        ``{key: {"uri", "bytes", "etag", "images", "proposals"}}`` for every file written
+        (``etag``: the store's, where the write returns one, else None).
     """
     formats = _check_formats(formats)
     masks = _check_chunk(proposals)
@@ -156,10 +163,12 @@ def write_chunk(out_uri: str, i: int, proposals: Sequence[ImageProposals], forma
         else:
             data = parquet_format.encode(ordered, row_group_rows=row_group_rows,
                                          file_names=file_names, failed=failed)
-        storage.atomic_write(uris[key], data, storage_options)
+        etag = retry(lambda: storage.atomic_write(uris[key], data, storage_options), retry_s,
+                     f"write {uris[key]}")
         # COCO results list only images with proposals; Parquet's metadata lists them all.
         images = len(ordered) if key == "parquet" else sum(1 for p in ordered if len(p))
-        info[key] = {"uri": uris[key], "bytes": len(data), "images": images, "proposals": n_props}
+        info[key] = {"uri": uris[key], "bytes": len(data), "etag": etag, "images": images,
+                     "proposals": n_props}
         del data
     return info
 
