@@ -322,9 +322,9 @@ def test_resume_redoes_a_chunk_whose_record_covers_other_images(tmp_path):
     _fake_commit(out, 0, [1, 2], failed=[3])
     _fake_commit(out, 1, [5, 6, 7, 8])
     plan = [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert sorted(state.committed_chunks(out, 2, None)) == [0, 1]  # without the plan: by name only
-    assert sorted(state.committed_chunks(out, 2, None, plan)) == [1]
-    assert sorted(state.committed_chunks(out, 2, None, [[1, 2, 3], [5, 6, 7, 8]])) == [0, 1]
+    assert sorted(state.scan_committed(out, 2, None).committed) == [0, 1]  # without the plan: by name only
+    assert sorted(state.scan_committed(out, 2, None, plan).committed) == [1]
+    assert sorted(state.scan_committed(out, 2, None, [[1, 2, 3], [5, 6, 7, 8]]).committed) == [0, 1]
 
 
 def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
@@ -333,7 +333,7 @@ def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
     for i in range(3):
         _fake_commit(out, i, [4 * i + k for k in range(4)])
     with pytest.raises(SegdistError, match="chunk-000002.json.*fewer images.*--overwrite"):
-        state.committed_chunks(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]])
+        state.scan_committed(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]])
 
 
 def test_overwrite_clears_only_the_jobs_own_files(tmp_path):

@@ -55,7 +55,7 @@ for i in range(2):
 job_manifest.write_manifest(out, job_manifest.build_manifest(
     config={}, model={"name": "layout-test"}, dataset={}, chunk_size=4, n_chunks=2,
     records=records, failed_chunks=[], timings={}))
-committed = sorted(state.committed_chunks(out, 2, None))
+committed = sorted(state.scan_committed(out, 2, None).committed)
 store = open_proposals(out)
 coco = open_proposals(os.path.join(out, layout.COCO_DIR))
 rc = main(["evaluate", "--proposals", out, "--dataset", gt_path, "--no-progress"])
