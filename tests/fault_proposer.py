@@ -1,5 +1,5 @@
 """Fault injection for the job's tests: a proposer that kills or stalls its worker process when it
-meets a chosen image, installed in place of a real preset's builder.
+meets a chosen image, or logs every model call, installed in place of a real preset's builder.
 
 It lives in the tests, not in segdist: the job has no fault hook. A test puts
 ``FaultyBuilder(Fault(...))`` into ``segdist.proposers.PROPOSERS`` under the preset it runs; the
@@ -11,12 +11,19 @@ conftest.py), and the wrapped proposer runs the real one, so the files equal a c
 With a ``marker`` path only the attempt that creates the marker fires (exactly one, whatever the
 race between workers): the retry goes through.
 
-Run as a driver: ``python -c "import fault_proposer; fault_proposer.main()" ACTION IMAGE_ID
-[MARKER] -- segdist CLI arguments...`` installs the fault over ``deepmask`` and runs the CLI.
+``calls``: a file every model call appends one JSON line to (``{"pid", "node", "ids"}``: the
+worker process, its Ray node, the batch's image ids), so a test can count how often each image
+went through the model, and find the workers' processes and nodes. ``delay_s`` slows each call
+down (a test that kills workers mid-chunk needs chunks that last).
+
+Run as a driver: ``python -c "import fault_proposer; fault_proposer.main()" ACTION ARG [MARKER]
+-- segdist CLI arguments...`` installs the fault over ``deepmask`` (ACTION ``exit`` or ``hang``,
+ARG the image id; or ACTION ``count``, ARG the calls file) and runs the CLI.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -49,28 +56,56 @@ class Fault:
             time.sleep(3600)
 
 
-class FaultyProposer:
-    """The dense proposer, firing ``fault`` after it ran on a batch holding the fault's image."""
+def _node() -> str | None:
+    import ray
 
-    def __init__(self, inner, fault: Fault):
-        self.inner, self.fault = inner, fault
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+class FaultyProposer:
+    """The dense proposer, logging each call (``calls``), then firing ``fault`` after it ran on a
+    batch holding the fault's image."""
+
+    def __init__(self, inner, fault: Fault | None, calls: str | None = None, delay_s: float = 0.0):
+        self.inner, self.fault, self.calls, self.delay_s = inner, fault, calls, delay_s
         self.name, self.weights_sha256, self.device = inner.name, inner.weights_sha256, inner.device
 
     def __call__(self, images: Sequence[np.ndarray], image_ids: Sequence[int]) -> list[ImageProposals]:
         out = self.inner(images, image_ids)
-        if self.fault.image_id in image_ids:
+        if self.calls is not None:
+            line = json.dumps({"pid": os.getpid(), "node": _node(), "ids": list(map(int, image_ids))})
+            # One write of one short line with O_APPEND: lines from many processes never mix.
+            fd = os.open(self.calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.fault is not None and self.fault.image_id in image_ids:
             self.fault.fire()
         return out
 
 
 @dataclass(frozen=True)
 class FaultyBuilder:
-    """A builder for PROPOSERS: the dense builder's proposer, wrapped with ``fault``."""
+    """A builder for PROPOSERS: the dense builder's proposer, wrapped (see FaultyProposer)."""
 
-    fault: Fault
+    fault: Fault | None = None
+    calls: str | None = None
+    delay_s: float = 0.0
 
     def __call__(self, config: DenseConfig) -> FaultyProposer:
-        return FaultyProposer(dense.build(config), self.fault)
+        return FaultyProposer(dense.build(config), self.fault, self.calls, self.delay_s)
+
+
+def read_calls(path: str) -> list[dict]:
+    """The calls logged so far (see the module docstring)."""
+    try:
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.endswith("\n")]
+    except FileNotFoundError:
+        return []
 
 
 def main() -> None:
@@ -79,6 +114,9 @@ def main() -> None:
 
     argv = sys.argv[1:]
     split = argv.index("--")
-    action, image_id, *marker = argv[:split]
-    PROPOSERS["deepmask"] = FaultyBuilder(Fault(action, int(image_id), marker[0] if marker else None))
+    action, arg, *marker = argv[:split]
+    if action == "count":
+        PROPOSERS["deepmask"] = FaultyBuilder(calls=arg)
+    else:
+        PROPOSERS["deepmask"] = FaultyBuilder(Fault(action, int(arg), marker[0] if marker else None))
     sys.exit(cli_main(argv[split + 1:]))

@@ -13,13 +13,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from fault_proposer import Fault, FaultyBuilder
+from fault_proposer import Fault, FaultyBuilder, read_calls
 from segdist.cli import main as cli_main
 from segdist.job import state
 from segdist.job.driver import run_job
@@ -220,4 +221,65 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_completes(ray_cluster, 
     assert result.complete and result.chunks_skipped == len(committed)
     assert set(result.written_chunks) == set(range(5)) - set(committed)
     _every_image_once(out, _ids(data))
+
+
+def _wait_for(what: str, condition, alive: threading.Thread):
+    """Poll ``condition()`` until it returns something true (returned) while the run is going."""
+    deadline = time.monotonic() + 180
+    while True:
+        got = condition()
+        if got:
+            return got
+        assert alive.is_alive(), f"the run ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_workers_killed_twice_all_at_once_fail_no_chunk(ray_cluster, tmp_path, monkeypatch):
+    # Two workers, three chunks: one worker holds chunks 0 and 1, the other chunk 2. Kill both
+    # when the second has committed its chunk and sits idle (the first still busy), then kill
+    # both replacements mid-chunk. The idle worker's death goes unnoticed until a chunk is sent
+    # to it: that chunk never started, and must not lose an attempt there (segdist used to count
+    # one, and the second kill then failed the chunk after max_chunk_attempts=3).
+    data = make_data(str(tmp_path / "data"), 12)
+    out = str(tmp_path / "out")
+    calls = str(tmp_path / "calls.jsonl")
+    # Slow model calls (0.6 s each, 2 per chunk): the kills land while chunks are in flight.
+    monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls, delay_s=0.6))
+    cfg = job_config(data, out, num_workers=2, max_chunk_attempts=3, max_actor_restarts=3)
+    ids = _ids(data)
+    chunk_of = {image_id: k // CHUNK for k, image_id in enumerate(ids)}
+    records = [Path(state.chunk_record_uri(out, i)) for i in range(3)]
+
+    def one_idle_one_busy() -> set[int] | None:
+        held: dict[int, set[int]] = {}
+        for call in read_calls(calls):
+            held.setdefault(call["pid"], set()).update(chunk_of[i] for i in call["ids"])
+        done = {i for i, r in enumerate(records) if r.exists()}
+        idle = [pid for pid, chunks in held.items() if chunks <= done]
+        busy = [pid for pid, chunks in held.items() if chunks - done]
+        return set(held) if len(held) == 2 and idle and busy else None
+
+    result = {}
+    run = threading.Thread(target=lambda: result.update(r=run_job(cfg, progress=False)))
+    run.start()
+    try:
+        first = _wait_for("one worker idle, one busy", one_idle_one_busy, run)
+        for pid in first:  # this test's own Ray workers
+            os.kill(pid, signal.SIGKILL)
+        second = _wait_for("both replacements in a chunk", lambda: (
+            pids if len(pids := {c["pid"] for c in read_calls(calls)} - first) == 2 else None), run)
+        for pid in second:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        run.join(timeout=300)
+    r = result["r"]
+    assert r.complete and r.chunks_written == 3 and not r.chunks_failed, r.summary()
+    manifest = json.loads(Path(out, "manifest.json").read_text())
+    assert manifest["timings"]["workers_replaced"] == 4
+    attempts = [json.loads(rec.read_text())["attempt"] for rec in records]
+    # The busy worker's two chunks ran through both kills: 3 attempts; the idle one's: 1.
+    assert sorted(attempts) == [1, 3, 3]
+    assert manifest["timings"]["failed_attempts"] == 4
+    _every_image_once(out, ids)
     assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
