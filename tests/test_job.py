@@ -185,7 +185,8 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
     assert manifest["chunks"][1]["images"] == 3 and manifest["chunks"][1]["failed_images"] == 1
     store = open_proposals(out)
     assert victim["id"] not in store and len(store.image_ids()) == 9
-    assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
+    reference = reference_files(cfg, str(tmp_path / "ref"))
+    assert read_tree(out) == reference
     before = mtimes(out)
 
     # Re-run: every chunk is committed, nothing is rewritten.
@@ -196,6 +197,26 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
     written_last = ("manifest.json", "coco-json/images.json")  # rewritten by every run
     assert {k: v for k, v in after.items() if k not in written_last} == \
         {k: v for k, v in before.items() if k not in written_last}
+
+    # A committed file damaged since (truncated to 100 bytes): the resume checks every file's size
+    # against its record, redoes just that chunk, and says so.
+    damaged = Path(out, "parquet", "chunk-000002.parquet")
+    size = damaged.stat().st_size
+    with open(damaged, "r+b") as f:
+        f.truncate(100)
+    redo = run_job(cfg, progress=False)
+    why = f"parquet/chunk-000002.parquet has 100 bytes, its record says {size}"
+    assert redo.complete and redo.written_chunks == [2] and redo.chunks_skipped == 2
+    assert redo.chunks_redone == {2: why} and f"redone chunk 2: {why}" in redo.summary()
+    assert read_tree(out) == reference
+    redone = mtimes(out)
+    assert all(redone[k] == v for k, v in after.items()
+               if "chunk-000002" not in k and k not in written_last)
+    # The manifest keeps the timings of each run that wrote chunks (the no-op re-run wrote none).
+    runs = json.loads((tmp_path / "out" / "manifest.json").read_text())["runs"]
+    assert [r["chunks_written"] for r in runs] == [3, 1]
+    assert runs[0]["started"] == manifest["timings"]["started"]
+    after = redone
 
     # A run with other settings into the same output is refused, naming what differs.
     other = job_config(data, out, num_workers=1)
@@ -213,7 +234,8 @@ def test_rerun_skips_committed_chunks_and_refuses_a_different_config(ray_s3, tmp
     assert max(len(store.get(i)) for i in store.image_ids()) == 5
 
 
-def test_resuming_with_other_weights_behind_the_same_uri_is_refused(ray_s3, tmp_path):
+def test_failed_model_load_claims_nothing_and_other_weights_behind_the_same_uri_are_refused(
+        ray_s3, tmp_path):
     import torch
 
     from segdist.models.checkpoint import save_checkpoint
@@ -229,6 +251,14 @@ def test_resuming_with_other_weights_behind_the_same_uri_is_refused(ray_s3, tmp_
     data = make_data(str(tmp_path / "data"), 8)
     out = str(tmp_path / "out")
     model = {k: v for k, v in TINY_MODEL.items() if k != "trunk"}
+    # First, a weights file the model cannot load (it exists, so preflight lets it through): the
+    # run stops at model load and claims nothing, so the corrected config below may proceed.
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(SegdistError, match="could not be loaded"):
+        run_job(job_config(data, out, num_workers=1, model={**model, "weights": str(junk)}),
+                progress=False)
+    assert not Path(out, "_segdist", "run.json").exists()
     cfg = job_config(data, out, num_workers=1, model={**model, "weights": weights})
     assert run_job(cfg, progress=False).complete
     sha = json.loads(Path(out, "manifest.json").read_text())["model"]["weights_sha256"]

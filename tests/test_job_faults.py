@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import yaml
 
 from fault_proposer import Fault, FaultyBuilder, read_calls
 from segdist.cli import main as cli_main
+from segdist.errors import SegdistError
 from segdist.job import state
 from segdist.job.driver import run_job
 from segdist.proposals.store import open_proposals
@@ -128,6 +130,11 @@ def test_driver_killed_mid_run_then_rerun_skips_committed_chunks(ray_cluster, tm
             assert driver.poll() is None, driver.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "the first driver committed no chunks"
             time.sleep(0.3)
+        # A second driver into the same output while the first runs: refused, naming the holder.
+        with pytest.raises(SegdistError) as err:
+            run_job(cfg, progress=False)
+        assert f"being written by another segdist driver: {socket.gethostname()}:{driver.pid} " \
+            in str(err.value)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=30)
