@@ -18,7 +18,8 @@ down (a test that kills workers mid-chunk needs chunks that last).
 
 Run as a driver: ``python -c "import fault_proposer; fault_proposer.main()" ACTION ARG [MARKER]
 -- segdist CLI arguments...`` installs the fault over ``deepmask`` (ACTION ``exit`` or ``hang``,
-ARG the image id; or ACTION ``count``, ARG the calls file) and runs the CLI.
+ARG the image id; or ACTION ``count``, ARG the calls file, MARKER the delay in seconds) and runs
+the CLI.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def main() -> None:
     split = argv.index("--")
     action, arg, *marker = argv[:split]
     if action == "count":
-        PROPOSERS["deepmask"] = FaultyBuilder(calls=arg)
+        PROPOSERS["deepmask"] = FaultyBuilder(calls=arg, delay_s=float(marker[0]) if marker else 0.0)
     else:
         PROPOSERS["deepmask"] = FaultyBuilder(Fault(action, int(arg), marker[0] if marker else None))
     sys.exit(cli_main(argv[split + 1:]))
