@@ -175,7 +175,7 @@ def from_storage_library(exc: BaseException) -> bool:
 
 
 def retry(call: Callable[[], T], window_s: float, what: str, *,
-          first_delay_s: float = 0.5, max_delay_s: float = 15.0) -> T:
+          first_delay_s: float = 0.5, max_delay_s: float = 10.0) -> T:
     """``call()``, retried on transient StorageErrors until ``window_s`` seconds have passed.
 
     Backoff doubles from ``first_delay_s`` up to ``max_delay_s``, each wait jittered to between

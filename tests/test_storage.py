@@ -158,3 +158,70 @@ def test_local_atomic_files_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_storage_errors_say_what_to_check_and_whether_to_retry():
+    """The clients' own exception classes (as they raise them) become one vocabulary."""
+    import errno
+
+    import aiohttp
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    from segdist.storage_errors import translate
+
+    def client_error(code: str, status: int) -> ClientError:
+        return ClientError({"Error": {"Code": code, "Message": code},
+                            "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+    cases = [  # (error, words in the message, transient)
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on device", False),
+        (NoCredentialsError(), "no usable credentials (NoCredentialsError); check the credentials",
+         False),
+        (EndpointConnectionError(endpoint_url="http://h:9"), "cannot connect to the store", True),
+        (aiohttp.ServerDisconnectedError(), "check the endpoint", True),
+        (client_error("SlowDown", 503), "throttling requests (SlowDown)", True),
+        (client_error("InternalError", 500), "the store failed (InternalError)", True),
+        (client_error("NoSuchBucket", 404), "check the bucket name", False),
+        (client_error("AccessDenied", 403), "access denied (AccessDenied); check the credentials",
+         False),
+        (TimeoutError(), "timed out", True),
+    ]
+    for exc, words, transient in cases:
+        err = translate(exc, "s3://b/x", "write")
+        assert err.uri == "s3://b/x" and err.op == "write" and err.transient is transient, exc
+        assert str(err).startswith("cannot write s3://b/x: ") and words in str(err), str(err)
+        assert "\n" not in str(err)
+    # As s3fs raises them: an OSError made from the ClientError, which is its cause.
+    wrapped = OSError(errno.EBUSY, "SlowDown")
+    wrapped.__cause__ = client_error("SlowDown", 503)
+    assert translate(wrapped, "s3://b/x", "read").transient
+    missing = translate(FileNotFoundError("x"), "s3://b/x", "read")
+    assert str(missing) == "s3://b/x does not exist" and not missing.transient
+    # Pickled across processes (Ray) with its fields.
+    import pickle
+    again = pickle.loads(pickle.dumps(err))
+    assert (again.uri, again.op, again.transient, str(again)) == (err.uri, err.op, True, str(err))
+
+
+def test_retry_retries_transient_errors_only_within_its_window():
+    from segdist.storage_errors import retry
+
+    calls = []
+
+    def flaky(fail: int, transient: bool):
+        def call():
+            calls.append(1)
+            if len(calls) <= fail:
+                raise StorageError("down", transient=transient)
+            return "ok"
+        return call
+
+    assert retry(flaky(2, True), 5.0, "t", first_delay_s=0.01) == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(StorageError):
+        retry(flaky(2, False), 5.0, "t", first_delay_s=0.01)  # permanent: no second try
+    assert len(calls) == 1
+    calls.clear()
+    with pytest.raises(StorageError):
+        retry(flaky(10**6, True), 0.2, "t", first_delay_s=0.01, max_delay_s=0.05)
+    assert 2 < len(calls) < 100

@@ -12,7 +12,8 @@ holds ``OUT/_segdist/lease.json`` while it runs:
   and removes it when the run ends, however it ends;
 - a lease is **stale**, and taken over, when its heartbeat is older than :data:`STALE_AFTER_S` (the
   holder died without removing it: SIGKILL, a lost head node), or at once when its holder ran on
-  this same machine (same host name and boot id) and that process is gone. Heartbeats are
+  this same machine (same host name and boot id) and that process is gone (or is this process,
+  whose earlier run could not remove it, say in a store outage). Heartbeats are
   compared with this machine's clock: clocks more than a few minutes apart would make a live lease
   look stale; NTP keeps them far closer. On S3 the takeover is conditional too (``If-Match`` on the
   stale lease's ETag), so of two drivers taking over the same stale lease only one wins.
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed heartbeats
+_HELD: set[str] = set()  # ids of the leases this process holds now
 
 
 def lease_uri(out_uri: str) -> str:
@@ -69,11 +71,15 @@ def _now() -> datetime:
 
 
 def _holder_gone(lease: Mapping[str, Any]) -> bool:
-    """Whether the lease's driver ran on this machine and its process no longer exists."""
+    """Whether the lease's driver ran on this machine and is no longer running: its process is
+    gone, or it is this process and no run here holds the lease (an earlier run that could not
+    remove it, e.g. in a store outage)."""
     if lease.get("host") != socket.gethostname() or lease.get("boot_id") != _boot_id() \
             or not isinstance(lease.get("pid"), int):
         return False
     pid = lease["pid"]
+    if pid == os.getpid() and lease.get("pid_start") == _process_start(pid):
+        return lease.get("id") not in _HELD
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -153,6 +159,7 @@ class Lease:
         for _ in range(3):  # a lease released or taken over between our calls: look again
             if storage.create_new(self.uri, self.body(), self.storage_options):
                 self.etag = storage.etag_of(self.uri, self.storage_options)
+                _HELD.add(self.id)
                 return
             etag = storage.etag_of(self.uri, self.storage_options)
             lease, there = self._read()
@@ -169,6 +176,7 @@ class Lease:
             log.warning("taking over the lease of %s: %s", self.out_uri, why)
             if storage.replace_if(self.uri, self.body(), etag, self.storage_options):
                 self.etag = storage.etag_of(self.uri, self.storage_options)
+                _HELD.add(self.id)
                 return
         raise SegdistError(f"{self.out_uri}: other drivers keep taking its lease ({self.uri}); "
                            "run one driver per output")
@@ -195,6 +203,7 @@ class Lease:
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this driver's."""
         self._stop.set()
+        _HELD.discard(self.id)
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
