@@ -3,8 +3,8 @@
 Each command module defines ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
 Command modules import their heavy dependencies inside ``add_arguments``/``run``, so importing them
 all (for their ``HELP``, the one source of each command's help line) leaves ``segdist --help``
-free of torch and ray. A :class:`~segdist.errors.SegdistError` becomes one clear message on stderr
-and exit code 2.
+free of torch and ray. A :class:`~segdist.errors.SegdistError` (or a storage client's own error,
+in the words of :mod:`segdist.storage_errors`) becomes one clear message on stderr and exit code 2.
 
 Signals: SIGTERM (what ``timeout``, Kubernetes and Slurm send) is handled as Ctrl-C: it raises
 KeyboardInterrupt in the main thread, so the running command unwinds the same way (a job stops its
@@ -111,3 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             name = signal.Signals(interrupts.received).name
             print(f"segdist {args.command}: interrupted ({name})", file=sys.stderr)
             return 128 + interrupts.received
+        except Exception as exc:
+            # A storage client's own error (botocore, aiohttp, gcsfs) that no call site translated:
+            # still one line saying what to check, not a traceback.
+            from segdist.storage_errors import from_storage_library, translate
+
+            if isinstance(exc, OSError) or not from_storage_library(exc):
+                raise
+            print(f"segdist {args.command}: error: {translate(exc, 'the store', 'use')}",
+                  file=sys.stderr)
+            return 2

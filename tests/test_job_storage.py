@@ -37,8 +37,9 @@ _UNAVAILABLE = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnav
 class OutageServer:
     """moto's S3 application on 127.0.0.1:``port`` (werkzeug's threaded server, as moto's own
     ThreadedMotoServer runs it), taken down for ``outage_s`` seconds the first time a request
-    matches each trigger ``(method, path substring[, seconds])``: that request gets a 503, and
-    until the server is started again on the same port every connection is refused."""
+    matches each trigger ``(method, path substring[, seconds or action])``: that request gets a
+    503, and until the server is started again on the same port every connection is refused. An
+    action (a callable) is run instead, and the request then answered as usual."""
 
     def __init__(self, port: int, triggers: list[tuple], outage_s: float):
         self.port, self.triggers, self.outage_s = port, list(triggers), outage_s
@@ -60,6 +61,9 @@ class OutageServer:
                 if hit is not None:
                     self.triggers.remove(hit)
             if hit is None:
+                return app(environ, start_response)
+            if len(hit) > 2 and callable(hit[2]):
+                hit[2]()
                 return app(environ, start_response)
             down = threading.Event()
             seconds = hit[2] if len(hit) > 2 else self.outage_s
@@ -203,3 +207,47 @@ def test_missing_credentials_and_unreachable_endpoint_fail_at_preflight_in_one_l
         assert len(errors) == 1, (name, err[-2000:])
         assert errors[0].startswith(f"segdist generate: error: output location s3://{bucket}/{name} "
                                     "is not writable: ") and cases[name][2] in errors[0], errors[0]
+
+
+def test_bucket_deleted_mid_run_fails_fast_with_the_reason(ray_cluster, outage_s3, tmp_path,
+                                                           monkeypatch, capsys):
+    import boto3
+
+    server, endpoint = outage_s3
+    bucket = "vanishing"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=bucket)
+    opts = {"client_kwargs": {"endpoint_url": endpoint}, "key": "testing", "secret": "testing"}
+    data = make_data(str(tmp_path / "data"), 8)
+    calls = str(tmp_path / "calls.jsonl")
+    monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls))
+    cfg = job_config(data, f"s3://{bucket}/run", opts, num_workers=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+
+    def delete_bucket() -> None:
+        for _ in range(100):  # the other chunk in flight may add a file meanwhile
+            for obj in client.list_objects_v2(Bucket=bucket).get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=obj["Key"])
+            try:
+                client.delete_bucket(Bucket=bucket)
+                return
+            except client.exceptions.ClientError:
+                continue
+
+    # The bucket goes away as the first chunk file is written: a permanent error.
+    server.triggers = [("PUT", "/run/coco-json/chunk-", delete_bucket)]
+
+    rc = cli_main(["generate", str(config), "--no-progress"])
+
+    printed = capsys.readouterr().out
+    assert rc == 1, printed
+    assert printed.startswith("INCOMPLETE: 0/2 chunks committed"), printed
+    # Each chunk failed on its first attempt, with the reason and what to check.
+    for index in (0, 1):
+        assert f"\nfailed chunk {index} after 1 attempts: StorageError: cannot write s3://{bucket}" \
+            in printed and "check the bucket name" in printed, printed
+    assert "\nthe manifest could not be written (cannot write s3://" in printed
+    # Each image through the model once: no attempt recomputed it.
+    counts = collections.Counter(i for call in read_calls(calls) for i in call["ids"])
+    assert set(counts.values()) == {1} and len(counts) == 8

@@ -6,7 +6,8 @@ which chunk was lost with it. Here the driver keeps the queue itself:
 - every worker slot holds one :class:`~segdist.job.worker.ChunkWorker` actor and up to ``depth``
   chunks in flight (two by default: one decoding/writing while the other runs the model);
 - a chunk whose attempt fails goes back to the queue; after ``max_chunk_attempts`` failed attempts
-  it is reported failed and the rest of the job carries on;
+  it is reported failed and the rest of the job carries on (at once after a permanent storage
+  error: no bucket, access denied, no space left; the worker has retried transient ones);
 - an actor that died (crash, out of memory, lost node) is killed for good and replaced by a fresh
   actor in the same slot (a replacement costs the same model load as a Ray restart would, and keeps
   the accounting of which chunks were lost exact); a slot gives up after ``max_replacements``
@@ -38,7 +39,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayError, RayTaskError
 
-from segdist.errors import SegdistError
+from segdist.errors import SegdistError, StorageError
 from segdist.job.plan import ChunkSpec
 from segdist.job.state import ChunkRecord
 from segdist.job.worker import STARTED, ChunkWorker, WorkerInfo, WorkerSettings
@@ -236,12 +237,13 @@ class Dispatcher:
             self.shutdown()
         return run.done, run.failed
 
-    def _attempt_failed(self, run: _Run, index: int, error: str) -> None:
-        """Count a failed attempt of chunk ``index``: requeue it, or give up after the last."""
+    def _attempt_failed(self, run: _Run, index: int, error: str, give_up: bool = False) -> None:
+        """Count a failed attempt of chunk ``index``: requeue it, or give up after the last (or at
+        once with ``give_up``)."""
         run.attempts[index] += 1
         run.errors[index].append(error)
         self.stats.attempts_failed += 1
-        final = run.attempts[index] >= self.max_chunk_attempts
+        final = give_up or run.attempts[index] >= self.max_chunk_attempts
         if final:
             run.failed[index] = ChunkFailure(index, run.attempts[index], list(run.errors[index]))
         else:
@@ -311,7 +313,11 @@ class Dispatcher:
         if isinstance(value, BaseException):
             if current and slot.solo and not slot.inflight:
                 slot.solo = False
-            self._attempt_failed(run, index, _short(value))
+            # A permanent storage error (no bucket, access denied, no space: the worker already
+            # retried the transient ones) fails the same way on every attempt: fail fast.
+            cause = getattr(value, "cause", value)
+            permanent = isinstance(cause, StorageError) and not cause.transient
+            self._attempt_failed(run, index, _short(value), give_up=permanent)
             return
         if current and slot.solo and not slot.inflight:
             slot.solo = False

@@ -26,7 +26,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
