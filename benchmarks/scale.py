@@ -10,7 +10,7 @@ process of its own on an embedded Ray. Measured in that driver (its own CPU time
 changed):
 
 - plan: preflight (output probe, listing the folder) and the chunk plan;
-- resume check: ``state.committed_chunks`` on the complete output (the re-run, every chunk
+- resume check: ``state.scan_committed`` on the complete output (the re-run, every chunk
   committed), and the same called directly on the local output and on a copy in the loopback S3
   server (moto), best of ``--repeats``;
 - dispatch: the driver's CPU in ``Dispatcher.run`` per chunk (the loop: handing out chunks,
@@ -112,7 +112,7 @@ def driver(config_path: str) -> None:
     clock.peaks["start"] = _peak_mb()
     clock.wrap(job_driver, "_preflight", "preflight")
     clock.wrap(job_driver, "_plan", "plan")
-    clock.wrap(state, "committed_chunks", "resume_check")
+    clock.wrap(state, "scan_committed", "resume_check")
     clock.wrap(job_driver, "_dispatch", "dispatch")
     clock.wrap(Dispatcher, "run", "dispatch_loop")
     clock.wrap(job_driver, "_write_manifest", "manifest")
@@ -143,7 +143,7 @@ def run_driver(config: dict, workdir: Path) -> dict:
 # -- the resume check, called directly ------------------------------------------------------------
 
 def resume_check(out: str, storage_options: dict | None, repeats: int) -> tuple[list[float], int]:
-    """Wall seconds of ``committed_chunks`` on the complete output (each repeat), chunks found."""
+    """Wall seconds of ``scan_committed`` on the complete output (each repeat), chunks found."""
     from segdist.job import state
 
     recorded = state.recorded_chunk_ids(out, storage_options)
@@ -152,7 +152,7 @@ def resume_check(out: str, storage_options: dict | None, repeats: int) -> tuple[
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        found = state.committed_chunks(out, n, storage_options, ids)
+        found = state.scan_committed(out, n, storage_options, ids).committed
         times.append(time.perf_counter() - t0)
         assert len(found) == n, (len(found), n)
     return times, n
