@@ -251,8 +251,8 @@ def test_workers_killed_twice_all_at_once_fail_no_chunk(ray_cluster, tmp_path, m
     data = make_data(str(tmp_path / "data"), 12)
     out = str(tmp_path / "out")
     calls = str(tmp_path / "calls.jsonl")
-    # Slow model calls (0.6 s each, 2 per chunk): the kills land while chunks are in flight.
-    monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls, delay_s=0.6))
+    # Slow model calls (0.5 s each, 2 per chunk): the kills land while chunks are in flight.
+    monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls, delay_s=0.5))
     cfg = job_config(data, out, num_workers=2, max_chunk_attempts=3, max_actor_restarts=3)
     ids = _ids(data)
     chunk_of = {image_id: k // CHUNK for k, image_id in enumerate(ids)}

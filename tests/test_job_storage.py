@@ -160,8 +160,8 @@ def test_storage_outages_mid_run_and_at_the_manifest_are_ridden_through(
 
     # An outage longer than resources.storage_retry_s at the manifest (a no-op re-run: every chunk
     # is committed, no Ray): the run does not crash; its summary says what could not be written.
-    server.triggers = [("PUT", "/run/manifest.json", 6.0)]
-    rc = cli_main(["generate", str(config), "--no-progress", "--set", "resources.storage_retry_s=2"])
+    server.triggers = [("PUT", "/run/manifest.json", 3.0)]
+    rc = cli_main(["generate", str(config), "--no-progress", "--set", "resources.storage_retry_s=1"])
     printed = capsys.readouterr().out
     assert rc == 1, printed
     assert printed.startswith("INCOMPLETE: 3/3 chunks committed (0 written now, 3 already")
@@ -191,13 +191,16 @@ def test_missing_credentials_and_unreachable_endpoint_fail_at_preflight_in_one_l
         "unreachable": (f"http://127.0.0.1:{free_port()}", dict(os.environ),
                         "cannot connect to the store (EndpointConnectionError"),
     }
+    # botocore's default retries take about 10 s to report a refused connection: one attempt here.
+    one_attempt = {"retries": {"max_attempts": 1}}
     procs = {}
     for name, (endpoint, env, _) in cases.items():
         config = tmp_path / f"{name}.yaml"
         config.write_text(json.dumps({
             "dataset": data, "model": TINY_MODEL,
             "output": {"uri": f"s3://{bucket}/{name}",
-                       "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}}}))
+                       "storage_options": {"client_kwargs": {"endpoint_url": endpoint},
+                                           "config_kwargs": one_attempt}}}))
         procs[name] = _preflight_cli(config, env)  # both at once: each waits on its client
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=180)
