@@ -156,13 +156,13 @@ class Lease:
         """Create the lease, or take over a stale one; SegdistError naming the holder if a live
         driver holds it."""
         for _ in range(3):  # a lease released or taken over between our calls: look again
-            if storage.create_new(self.uri, self.body(), self.storage_options):
-                self.etag = storage.etag_of(self.uri, self.storage_options)
-                _HELD.add(self.id)
-                return
-            etag = storage.etag_of(self.uri, self.storage_options)
+            # Looked at before the conditional create, so that a store ignoring the condition
+            # (an older S3-compatible server) still refuses all but a same-instant race.
+            etag = self._etag()  # before the read: if the lease changes after, If-Match fails
             lease, there = self._read()
             if not there:
+                if storage.create_new(self.uri, self.body(), self.storage_options):
+                    break
                 continue
             why = stale_reason(lease)
             if why is None:
@@ -174,11 +174,20 @@ class Lease:
                     "writing there.")
             log.warning("taking over the lease of %s: %s", self.out_uri, why)
             if storage.replace_if(self.uri, self.body(), etag, self.storage_options):
-                self.etag = storage.etag_of(self.uri, self.storage_options)
-                _HELD.add(self.id)
-                return
-        raise SegdistError(f"{self.out_uri}: other drivers keep taking its lease ({self.uri}); "
-                           "run one driver per output")
+                break
+        else:
+            raise SegdistError(f"{self.out_uri}: other drivers keep taking its lease ({self.uri}); "
+                               "run one driver per output")
+        self.etag = self._etag()
+        _HELD.add(self.id)
+
+    def _etag(self) -> str | None:
+        try:
+            return storage.etag_of(self.uri, self.storage_options)
+        except StorageError as exc:
+            if is_missing(exc):
+                return None
+            raise
 
     def start_heartbeat(self) -> None:
         """Refresh the heartbeat every HEARTBEAT_S seconds in a daemon thread until release()."""
@@ -195,7 +204,7 @@ class Lease:
                     log.error("the lease of %s was taken over by %s: another driver is writing "
                               "this output", self.out_uri, describe(lease or {}))
                     return
-                self.etag = storage.etag_of(self.uri, self.storage_options)
+                self.etag = self._etag()
             except StorageError as exc:  # an outage: the next beat tries again
                 log.warning("could not refresh the lease of %s: %s", self.out_uri, exc)
 
