@@ -12,8 +12,9 @@ With a ``marker`` path only the attempt that creates the marker fires (exactly o
 race between workers): the retry goes through.
 
 ``calls``: a file every model call appends one JSON line to (``{"pid", "node", "ids"}``: the
-worker process, its Ray node, the batch's image ids), so a test can count how often each image
-went through the model, and find the workers' processes and nodes. ``delay_s`` slows each call
+worker process, its Ray node, the batch's image ids), and every worker once when it has built
+its model (``"ids": []``, ``"built": true``), so a test can count how often each image went
+through the model, and find the workers' processes and nodes. ``delay_s`` slows each call
 down (a test that kills workers mid-chunk needs chunks that last).
 
 Run as a driver: ``python -c "import fault_proposer; fault_proposer.main()" ACTION ARG [MARKER]
@@ -70,17 +71,22 @@ class FaultyProposer:
     def __init__(self, inner, fault: Fault | None, calls: str | None = None, delay_s: float = 0.0):
         self.inner, self.fault, self.calls, self.delay_s = inner, fault, calls, delay_s
         self.name, self.weights_sha256, self.device = inner.name, inner.weights_sha256, inner.device
+        self._log(ids=[], built=True)
+
+    def _log(self, **entry) -> None:
+        if self.calls is None:
+            return
+        line = json.dumps({"pid": os.getpid(), "node": _node(), **entry})
+        # One write of one short line with O_APPEND: lines from many processes never mix.
+        fd = os.open(self.calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
 
     def __call__(self, images: Sequence[np.ndarray], image_ids: Sequence[int]) -> list[ImageProposals]:
         out = self.inner(images, image_ids)
-        if self.calls is not None:
-            line = json.dumps({"pid": os.getpid(), "node": _node(), "ids": list(map(int, image_ids))})
-            # One write of one short line with O_APPEND: lines from many processes never mix.
-            fd = os.open(self.calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-            try:
-                os.write(fd, (line + "\n").encode())
-            finally:
-                os.close(fd)
+        self._log(ids=list(map(int, image_ids)))
         if self.delay_s:
             time.sleep(self.delay_s)
         if self.fault is not None and self.fault.image_id in image_ids:

@@ -97,7 +97,7 @@ def test_node_lost_mid_run_and_local_output_refused_without_shared_filesystem(cl
     driver = _driver(config, address, calls, 0.3)
     try:
         deadline = time.monotonic() + 180
-        while not any(c["node"] == nodes["w2"] for c in read_calls(str(calls))):
+        while not any(c["node"] == nodes["w2"] and c["ids"] for c in read_calls(str(calls))):
             assert driver.poll() is None, driver.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "no worker ran on node w2"
             time.sleep(0.05)
