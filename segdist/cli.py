@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,8 +52,16 @@ class _Interrupts:
         self.received = signal.SIGINT  # a KeyboardInterrupt raised without a handler: Ctrl-C
         self._previous: dict[int, object] = {}
 
+    # Python ignores (prints and drops) an exception raised while a finaliser runs; a signal that
+    # lands there (Ray's ObjectRefGenerator.__del__ is a common spot) is delivered again shortly
+    # after, once the finaliser has returned, instead of being lost.
+    REDELIVER_AFTER_S = 0.02
+
     def _interrupt(self, signum: int, frame) -> None:
         self.received = signum
+        if _inside_finaliser(frame):
+            threading.Timer(self.REDELIVER_AFTER_S, os.kill, (os.getpid(), signum)).start()
+            return
         raise KeyboardInterrupt
 
     def __enter__(self) -> "_Interrupts":
@@ -64,6 +73,15 @@ class _Interrupts:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def _inside_finaliser(frame) -> bool:
+    """Whether ``frame`` runs inside a ``__del__`` (where a raised exception would be dropped)."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _load(name: str):
