@@ -25,3 +25,26 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     """``torch.autocast`` for a precision ("fp32" = disabled, "bf16", "fp16") on ``device``."""
     dtype = _AUTOCAST.get(precision)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+# The profile (``segdist bench --profile``) runs on the CPU but must describe the GPU path: where
+# code branches on the device (RLE backend, BatchNorm folding), it asks :func:`gpu_path`, which the
+# profile can force to True.
+# A process-wide flag (not a context variable), so threads the code under profile starts see it.
+_ASSUME_GPU = [False]
+
+
+def gpu_path(device: torch.device | str) -> bool:
+    """Whether code on ``device`` takes its GPU branch: a CUDA device, or any device while
+    :func:`assume_gpu_path` is active (the profile)."""
+    return torch.device(device).type == "cuda" or _ASSUME_GPU[0]
+
+
+@contextlib.contextmanager
+def assume_gpu_path():
+    """Within this context every device takes its GPU branch (see :func:`gpu_path`)."""
+    before, _ASSUME_GPU[0] = _ASSUME_GPU[0], True
+    try:
+        yield
+    finally:
+        _ASSUME_GPU[0] = before

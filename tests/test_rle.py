@@ -264,3 +264,27 @@ def test_encode_masks_cpu_path_with_many_masks():
     np.testing.assert_array_equal(boxes, want[1])
     np.testing.assert_array_equal(areas, masks.reshape(300, -1).sum(1))
 
+
+
+@pytest.mark.parametrize("backend", ["device", "cpu"])
+def test_masks_of_several_sizes_in_one_canvas(backend):
+    # Masks of different images share one canvas (their own block top-left, zeros elsewhere);
+    # each encodes as pycocotools encodes it alone, through the device coder or the CPU path.
+    rng = np.random.default_rng(5)
+    sizes = [(int(rng.integers(1, 30)), int(rng.integers(1, 30))) for _ in range(40)] + [(29, 31), (1, 1)]
+    canvas = np.zeros((len(sizes), 29, 31), np.uint8)
+    alone = []
+    for i, (h, w) in enumerate(sizes):
+        m = random_masks(rng, 1, h, w)[0]
+        canvas[i, :h, :w] = m
+        alone.append(m)
+    t = torch.from_numpy(canvas).bool().transpose(1, 2).contiguous().transpose(1, 2)  # a [N, W, H] canvas
+    hs = torch.tensor([h for h, _ in sizes])
+    ws = torch.tensor([w for _, w in sizes])
+    fn = rle.encode_with_boxes if backend == "device" else rle.encode_masks
+    counts, boxes, areas = fn(t, heights=hs, widths=ws)
+    for i, m in enumerate(alone):
+        rc, rb, ra = reference(m[None])
+        assert counts[i] == rc[0], (i, sizes[i])
+        np.testing.assert_array_equal(boxes[i], rb[0])
+        assert areas[i] == ra[0]

@@ -7,6 +7,14 @@ Workloads: N synthetic ``--size`` images (default 640x480, COCO-like), and one `
 (default 4000x3000); k proposals each (default 1000), masks encoded to RLE. Timing excludes model
 loading and one warm-up image. Random weights (the cost does not depend on the weights' values,
 except Mask R-CNN's number of detections, which is always k with score threshold 0).
+
+``--profile`` measures what bounds a GPU instead, on any device (:mod:`segdist.profiling`): a chunk
+of ``--images`` synthetic images with a COCO-like size mix (50% 640x480, 20% 480x640, 30% long side
+640 and short side drawn from 300-640, seeded) goes through the proposer in one call, as a worker
+hands it a window of decoded images, taking the GPU branch wherever the code branches on the
+device; reported per image: non-view aten ops, sync-type ops, FLOPs (and the trunk's FLOPs against
+the untiled figure), host CPU milliseconds of JPEG decoding, the RLE host part and the COCO-JSON /
+Parquet encoders, peak memory and images/s (with the counting on).
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads in the worker (default: torch's own choice)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--profile", action="store_true",
+                   help="count ops, syncs, FLOPs and host CPU per image over a COCO-like size mix "
+                        "(the GPU path, measured on any device; see docs/benchmarks.md)")
+    p.add_argument("--window", type=int, default=None,
+                   help="--profile: images per proposer call (default: all --images at once)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
 
 
@@ -144,7 +157,12 @@ def _spawn(spec: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     if args.worker:
-        print(json.dumps(_measure(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        if spec.get("profile"):
+            from segdist.commands.bench_profile import measure
+            print(json.dumps(measure(spec)))
+        else:
+            print(json.dumps(_measure(spec)))
         return 0
     from segdist.proposers import PROPOSERS, config_class
 
@@ -154,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown presets {bad}; choose from {list(PROPOSERS)}")
     if args.images < 1:
         raise ConfigError(f"--images must be >= 1 (got {args.images})")
+    if args.profile:
+        return _run_profile(args, presets)
     workloads = [("coco", _size(args.size), args.images, None)]
     if args.big.lower() != "none":
         workloads.append(("big", _size(args.big), 1, args.big_max_side))
@@ -173,6 +193,43 @@ def run(args: argparse.Namespace) -> int:
                        + (f" (max side {max_side})" if max_side else ""), images=n)
             rows.append(res)
             _print_row(res)
+    if args.json:
+        from segdist.storage import atomic_write
+
+        atomic_write(args.json, json.dumps(rows, indent=2).encode())
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+def _run_profile(args: argparse.Namespace, presets: list[str]) -> int:
+    """``--profile``: one child per preset over the size mix; a table row each (and JSON)."""
+    from segdist.proposers import config_class
+
+    rows = []
+    print("| preset | images | ops/img | syncs/img | TFLOP/img | trunk TFLOP/img (untiled) | "
+          "host ms/img: decode, RLE host, COCO-JSON, Parquet | peak RSS MB | img/s (counting) |")
+    for preset in presets:
+        family = config_class(preset).model_fields
+        model = dict(name=preset, proposals=args.proposals, device=args.device,
+                     precision=args.precision, batch_size=args.batch_size,
+                     memory_budget_mb=args.memory_budget_mb)
+        for key, value in (("trunk", args.trunk), ("channels_last", args.channels_last)):
+            if key in family:
+                model[key] = value
+        res = _spawn({"profile": True, "model": model, "n": args.images, "seed": 0,
+                      "window": args.window, "threads": args.threads})
+        res.update(preset=preset)
+        rows.append(res)
+        if "error" in res:
+            print(f"| {preset} | error: {res['error']} |", flush=True)
+            continue
+        h = res["host_ms_per_image"]
+        trunk = ("-" if res["trunk_tflops_per_image"] is None else
+                 f"{res['trunk_tflops_per_image']:.3f} ({res['untiled_trunk_tflops_per_image']:.3f})")
+        print(f"| {preset} | {res['images']} | {res['ops_per_image']:.0f} | "
+              f"{res['syncs_per_image']:.2f} | {res['tflops_per_image']:.3f} | {trunk} | "
+              f"{h['decode']:.1f}, {h.get('rle_host', 0):.2f}, "
+              f"{h.get('coco_json_segm', 0) + h['coco_json_bbox']:.2f}, {h['parquet']:.2f} | "
+              f"{res['peak_rss_mb']:.0f} | {res['images_per_s_counting']:.3f} |", flush=True)
     if args.json:
         from segdist.storage import atomic_write
 

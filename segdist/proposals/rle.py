@@ -9,15 +9,19 @@ bit 0x20 meaning "more characters follow".
 
 :func:`encode_with_boxes` does, for a whole batch and on the masks' own device: a column-major
 flatten, one difference pass, one ``nonzero``, run lengths from the change offsets, tight boxes and
-areas from the runs; then a single device-to-host copy, and the compressed strings of all masks at
-once with numpy. No Python loop runs per run or per pixel; the only per-mask Python work is slicing
-the final byte string.
+areas from the runs, and the 5-bit character coding of every count as tensor ops; then a single
+device-to-host copy of the characters, and the host only slices them into per-mask strings. No
+Python loop runs per run or per pixel. Masks of several sizes can share one canvas (``heights``,
+``widths``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from segdist.device import gpu_path
+from segdist.profiling import host_stage
 
 __all__ = ["encode", "encode_with_boxes", "encode_masks", "encode_boxes", "decode"]
 
@@ -34,35 +38,56 @@ def _as_bool_masks(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
     return masks if masks.dtype == torch.bool else masks != 0
 
 
-def _runs_on_device(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Everything the host needs, packed in one int64 tensor on the masks' device.
+# A differenced count takes at most this many 5-bit characters: |x| < 2^34 (a mask has < 2^31 px).
+MAX_CHARS = 7
+
+
+def _runs_on_device(masks: torch.Tensor, heights: torch.Tensor | None,
+                    widths: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
+    """Differenced counts, runs per mask, tight boxes and areas, on the masks' device.
 
     Args:
         masks: bool[N, H, W] (N >= 1).
-
+        heights, widths: int64[N] size of each mask (its top-left h x w block of the canvas; the
+            rest must be False), or None: every mask is the full H x W.
     Returns:
-        ``(packed, total_runs)`` where ``packed`` is int64[T + N + 4N + N]: the T differenced counts
-        of all masks (as the compressed string stores them), the number of runs per mask, the tight
-        boxes (x, y, w, h) and the areas.
+        ``(diff int64[T], nruns int64[N], boxes int64[N, 4] xywh, areas int64[N])``: the T
+        differenced counts of all masks as the compressed string stores them, in mask order.
     """
     n, h, w = masks.shape
-    area_px = h * w
     dev = masks.device
-    # Column-major flatten: flat[i, x * h + y] = masks[i, y, x].
-    flat = masks.transpose(1, 2).reshape(n, area_px)
-    # change[i, j]: pixel j differs from pixel j-1 (pixel -1 counts as 0, so runs start with 0s).
-    change = torch.empty_like(flat)
-    change[:, :1] = flat[:, :1]
-    torch.ne(flat[:, 1:], flat[:, :-1], out=change[:, 1:])
-    mask_of_change, pos = change.nonzero(as_tuple=True)  # sorted by (mask, position)
-    del flat, change
+    # Column-major view: ct[i, x, y] = masks[i, y, x] (free when masks is a transposed canvas).
+    ct = masks.transpose(1, 2)
+    # change[i, x, y]: pixel (y, x) differs from the one before it in column-major order of a
+    # mask of height h_i (pixel -1 counts as 0, so runs start with 0s).
+    change = torch.empty(n, w, h, dtype=torch.bool, device=dev)
+    torch.ne(ct[:, :, 1:], ct[:, :, :-1], out=change[:, :, 1:])
+    if heights is None or not h:
+        last = ct[:, :-1, h - 1] if h else None                                       # N x (W-1)
+    else:  # the last row of each column is the mask's own row h_i - 1
+        last = ct.gather(2, (heights - 1).view(n, 1, 1).expand(n, w, 1))[:, :-1, 0]
+    if h:
+        torch.ne(ct[:, 1:, 0], last, out=change[:, 1:, 0])
+    if h and w:
+        change[:, 0, 0] = ct[:, 0, 0]
+    if heights is not None:  # nothing changes outside a mask's own block
+        change &= (torch.arange(h, device=dev) < heights[:, None, None])
+        change &= (torch.arange(w, device=dev) < widths[:, None])[:, :, None]
+        hs, area_px = heights, heights * widths
+    else:
+        hs = torch.full((n,), h, dtype=torch.int64, device=dev)
+        area_px = torch.full((n,), h * w, dtype=torch.int64, device=dev)
+    mask_of_change, cx, cy = change.nonzero(as_tuple=True)  # sorted by (mask, x, y): run order
+    del change
+    pos = cx * hs[mask_of_change] + cy                      # index in the mask's own flattening
     m = pos.numel()
     total = m + n
     nruns = torch.bincount(mask_of_change, minlength=n) + 1  # int64[N]
     slot_end = torch.cumsum(nruns, 0)  # int64[N], exclusive end of each mask's runs
     slot_start = slot_end - nruns
-    # Run ends (exclusive, in flat pixel index): change positions, then h*w closing each mask.
-    # Change c of mask i lands at slot c + i: each earlier mask adds one closing slot.
+    # Run ends (exclusive): change positions, then h_i*w_i closing each mask. Change c of mask i
+    # lands at slot c + i: each earlier mask adds one closing slot.
     ends = torch.empty(total, dtype=torch.int64, device=dev)
     ends[torch.arange(m, device=dev) + mask_of_change] = pos
     ends[slot_end - 1] = area_px
@@ -82,61 +107,67 @@ def _runs_on_device(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
     fg = (local % 2) == 1
     fg_owner = owner[fg]
     first = starts[fg]
-    last = ends[fg] - 1
-    x0 = torch.div(first, h, rounding_mode="floor")
-    x1 = torch.div(last, h, rounding_mode="floor")
+    last_px = ends[fg] - 1
+    fh = hs[fg_owner]
+    x0 = torch.div(first, fh, rounding_mode="floor")
+    x1 = torch.div(last_px, fh, rounding_mode="floor")
     # A run that wraps into a later column touches the bottom row and the top row.
     wraps = x1 > x0
-    y0 = torch.where(wraps, torch.zeros_like(first), first - x0 * h)
-    y1 = torch.where(wraps, torch.full_like(last, h - 1), last - x1 * h)
+    y0 = torch.where(wraps, torch.zeros_like(first), first - x0 * fh)
+    y1 = torch.where(wraps, fh - 1, last_px - x1 * fh)
     big = torch.full((n,), max(h, w), dtype=torch.int64, device=dev)
     zero = torch.zeros(n, dtype=torch.int64, device=dev)
     xs = big.scatter_reduce(0, fg_owner, x0, "amin")
     ys = big.scatter_reduce(0, fg_owner, y0, "amin")
     xe = zero.scatter_reduce(0, fg_owner, x1, "amax")
     ye = zero.scatter_reduce(0, fg_owner, y1, "amax")
-    areas = zero.index_add(0, fg_owner, last - first + 1)
+    areas = zero.index_add(0, fg_owner, last_px - first + 1)
     boxes = torch.stack([xs, ys, xe - xs + 1, ye - ys + 1], dim=1)  # N x 4, xywh
     boxes = torch.where((areas > 0)[:, None], boxes, torch.zeros_like(boxes))  # toBbox: 0s if empty
-    packed = torch.cat([diff, nruns, boxes.reshape(-1), areas])
-    return packed, total
+    return diff, nruns, boxes, areas
 
 
-def _compress(diff: np.ndarray, nruns: np.ndarray) -> list[bytes]:
-    """Compressed RLE strings from differenced counts, all masks at once.
+def _characters(diff: torch.Tensor, nruns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compressed strings of all masks, coded on the device.
 
     Args:
-        diff: int64[T] differenced counts of all masks, concatenated.
-        nruns: int64[N] number of counts per mask (sums to T).
+        diff: int64[T] differenced counts of all masks, concatenated (T >= 1).
+        nruns: int64[N] counts per mask (sums to T).
+    Returns:
+        ``(chars uint8[T * MAX_CHARS + 1], per_mask int64[N])``: the strings of all masks back to
+        back at the start of ``chars`` (the rest is scratch), and each string's length.
     """
+    dev = diff.device
+    t = diff.numel()
+    j = torch.arange(MAX_CHARS, device=dev)
     # Characters per value: one, plus one for every 5-bit group after which the remaining
     # (arithmetically shifted) value is not yet pure sign, i.e. x >> (5j + 4) not in {0, -1}.
-    nchar = np.ones(diff.shape, dtype=np.int64)
-    shift = 4
-    while True:
-        rest = diff >> shift
-        more = (rest != 0) & (rest != -1)
-        if not more.any():
-            break
-        nchar += more
-        shift += 5
-    width = int(nchar.max()) if diff.size else 1
-    j = np.arange(width, dtype=np.int64)
-    groups = (diff[:, None] >> (5 * j)) & 0x1F  # T x width
-    cont = (j[None, :] < (nchar[:, None] - 1)).astype(np.int64) << 5  # 0x20: more follow
-    chars = (groups | cont) + 48
-    flat = chars[j[None, :] < nchar[:, None]].astype(np.uint8).tobytes()  # row-major = run order
-    per_mask = np.add.reduceat(nchar, np.cumsum(nruns) - nruns) if diff.size else nchar[:0]
-    offsets = np.concatenate([[0], np.cumsum(per_mask)]).tolist()
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    rest = diff[:, None] >> (5 * j[:-1] + 4)                          # T x (MAX_CHARS - 1)
+    nchar = 1 + ((rest != 0) & (rest != -1)).sum(1)                    # T
+    groups = (diff[:, None] >> (5 * j)) & 0x1F                         # T x MAX_CHARS
+    chars = (groups | ((j < nchar[:, None] - 1).long() << 5)) + 48      # 0x20: more follow
+    offsets = torch.cumsum(nchar, 0) - nchar                           # T, exclusive
+    # Character j of value i goes to offsets[i] + j; unused slots go to one scratch byte at the end.
+    target = torch.where(j < nchar[:, None], offsets[:, None] + j, t * MAX_CHARS)
+    out = torch.zeros(t * MAX_CHARS + 1, dtype=torch.uint8, device=dev)
+    out.scatter_(0, target.reshape(-1), chars.reshape(-1).to(torch.uint8))
+    owner = torch.repeat_interleave(torch.arange(len(nruns), device=dev), nruns, output_size=t)
+    per_mask = torch.zeros(len(nruns), dtype=torch.int64, device=dev).index_add_(0, owner, nchar)
+    return out, per_mask
 
 
-def encode_with_boxes(masks: torch.Tensor | np.ndarray) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+def encode_with_boxes(masks: torch.Tensor | np.ndarray, *, heights: torch.Tensor | None = None,
+                      widths: torch.Tensor | None = None
+                      ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Compressed COCO RLE, tight boxes and areas of a batch of masks, in one pass.
 
     Args:
         masks: bool or integer tensor (or numpy array) ``[N, H, W]`` on any device; a pixel is
-            foreground when nonzero. Row-major as images are (``masks[i, y, x]``).
+            foreground when nonzero. Row-major as images are (``masks[i, y, x]``). A transposed
+            canvas (``canvas_t.transpose(1, 2)`` of a contiguous ``[N, W, H]``) is read in place.
+        heights, widths: optional int64[N] on the masks' device: mask i is the top-left
+            ``heights[i] x widths[i]`` block (masks of several image sizes in one canvas; pixels
+            outside their block must be 0). None: every mask is H x W.
 
     Returns:
         ``(counts, boxes, areas)``: ``counts`` a list of N ASCII ``bytes``, each equal to
@@ -144,20 +175,30 @@ def encode_with_boxes(masks: torch.Tensor | np.ndarray) -> tuple[list[bytes], np
         ``boxes`` float32[N, 4], COCO ``[x, y, w, h]`` tight box in pixels (pixel columns x..x+w-1;
         all zeros for an empty mask, as ``pycocotools.mask.toBbox``); ``areas`` int64[N] pixel counts.
 
-    Memory on the device: about 2 bytes per mask pixel plus 40 bytes per run; callers batch masks
+    Everything but the final slicing runs on the masks' device: runs, boxes and the 5-bit
+    character coding; then one device-to-host copy of the characters, lengths, boxes and areas.
+    Memory on the device: about 2 bytes per mask pixel plus ~100 bytes per run; callers batch masks
     by a memory budget.
     """
     masks = _as_bool_masks(masks)
     n = masks.shape[0]
     if n == 0:
         return [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    packed, total = _runs_on_device(masks)
-    host = packed.cpu().numpy()  # the one device-to-host copy of the batch
-    diff = host[:total]
-    nruns = host[total:total + n]
-    boxes = host[total + n:total + 5 * n].reshape(n, 4).astype(np.float32)
-    areas = host[total + 5 * n:].copy()
-    return _compress(diff, nruns), boxes, areas
+    if (heights is None) != (widths is None):
+        raise ValueError("give both heights and widths, or neither")
+    diff, nruns, boxes, areas = _runs_on_device(masks, heights, widths)
+    chars, per_mask = _characters(diff, nruns)
+    # One copy: the lengths, boxes and areas (int64) and the characters, as bytes.
+    numbers = torch.cat([per_mask, boxes.reshape(-1), areas])
+    host = torch.cat([numbers.view(torch.uint8), chars]).cpu().numpy()
+    with host_stage("rle_host"):
+        nums = host[:numbers.numel() * 8].view(np.int64)
+        lengths, areas_h = nums[:n], nums[5 * n:].copy()
+        boxes_h = nums[n:5 * n].reshape(n, 4).astype(np.float32)
+        flat = host[numbers.numel() * 8:].tobytes()
+        ends = np.cumsum(lengths).tolist()
+        counts = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
+    return counts, boxes_h, areas_h
 
 
 def _encode_with_pycocotools(masks: torch.Tensor) -> tuple[list[bytes], np.ndarray, np.ndarray]:
@@ -173,17 +214,31 @@ def _encode_with_pycocotools(masks: torch.Tensor) -> tuple[list[bytes], np.ndarr
     return [r["counts"] for r in rles], boxes, areas
 
 
-def encode_masks(masks: torch.Tensor | np.ndarray) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+def encode_masks(masks: torch.Tensor | np.ndarray, *, heights: torch.Tensor | None = None,
+                 widths: torch.Tensor | None = None) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """:func:`encode_with_boxes` with the fastest exact backend for where the masks live.
 
-    Masks on a GPU use the torch encoder (one device-to-host copy of runs, not of pixels). Masks
-    on the CPU go to pycocotools' C encoder, measured about 6x faster there than torch's CPU
-    kernels for the same bytes (docs/benchmarks.md). Same outputs either way (tests check both).
+    Masks on a GPU use the torch encoder (one device-to-host copy of characters, not of pixels).
+    Masks on the CPU go to pycocotools' C encoder, measured about 6x faster there than torch's CPU
+    kernels for the same bytes (docs/benchmarks.md), one call per mask size. Same outputs either
+    way (tests check both). ``heights``/``widths``: as in :func:`encode_with_boxes`.
     """
     masks = _as_bool_masks(masks)
-    if masks.shape[0] == 0 or masks.device.type != "cpu":
-        return encode_with_boxes(masks)
-    return _encode_with_pycocotools(masks)
+    if masks.shape[0] == 0 or gpu_path(masks.device):
+        return encode_with_boxes(masks, heights=heights, widths=widths)
+    if heights is None:
+        return _encode_with_pycocotools(masks)
+    n = masks.shape[0]
+    counts: list[bytes] = [b""] * n
+    boxes, areas = np.zeros((n, 4), np.float32), np.zeros(n, np.int64)
+    sizes = torch.stack([heights, widths], 1).cpu().numpy()
+    for h, w in np.unique(sizes, axis=0).tolist():
+        members = np.flatnonzero((sizes[:, 0] == h) & (sizes[:, 1] == w))
+        c, b, a = _encode_with_pycocotools(masks[torch.from_numpy(members), :h, :w])
+        for i, ci in zip(members.tolist(), c):
+            counts[i] = ci
+        boxes[members], areas[members] = b, a
+    return counts, boxes, areas
 
 
 def encode(masks: torch.Tensor | np.ndarray) -> list[bytes]:
