@@ -132,6 +132,13 @@ class SharpMask(nn.Module):
         """Trunk receptive radius plus the horizontal nets' three 3x3 convs on layer3 (48 px)."""
         return self.deepmask.trunk.resnet.rf_radius + 3 * STRIDE
 
+    @property
+    def extras_layout(self) -> tuple[tuple[int, int], ...]:
+        """Per horizontal-net map: (cells per embedding cell, window side in cells); the window of
+        embedding cell (r, c) is [r*step, r*step + size) x [c*step, c*step + size) (see
+        :meth:`windows`)."""
+        return tuple((STRIDE // s, self.cfg.f_sz * (STRIDE // s)) for s in SKIP_STRIDES)
+
     def score_map(self, emb: torch.Tensor) -> torch.Tensor:
         """Embedding map [B, fc_dim, h, w] -> score logits [B, h, w] (DeepMask's score head)."""
         return self.deepmask.score_map(emb)

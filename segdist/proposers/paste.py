@@ -17,15 +17,16 @@ import torch
 
 
 def _axis_matrix(starts: torch.Tensor, origin: torch.Tensor, extent: torch.Tensor, n_out: int,
-                 limit: int, o: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 limit: torch.Tensor, o: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Interpolation matrices [K, n_out, o] and validity [K, n_out] for output pixels
     starts[k] + j (j < n_out) of windows [origin, origin + extent) (float64 [K]) sampled from o
-    cells with F.interpolate's align_corners=False convention (edge cells extend to the border)."""
+    cells with F.interpolate's align_corners=False convention (edge cells extend to the border);
+    pixels at or beyond ``limit`` (int64 [K], the image side) are invalid."""
     dev = starts.device
     pix = starts[:, None] + torch.arange(n_out, device=dev)           # K x n_out
     centre = pix.double() + 0.5
     org, ext = origin[:, None], extent[:, None]
-    valid = (centre >= org) & (centre < org + ext) & (pix >= 0) & (pix < limit)
+    valid = (centre >= org) & (centre < org + ext) & (pix >= 0) & (pix < limit[:, None])
     u = ((centre - org) * (o / ext) - 0.5).clamp(0, o - 1)
     i0 = u.floor().long()
     i1 = (i0 + 1).clamp(max=o - 1)
@@ -36,11 +37,48 @@ def _axis_matrix(starts: torch.Tensor, origin: torch.Tensor, extent: torch.Tenso
     return m, valid
 
 
+def paste_into(canvas_t: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor,
+               tops: torch.Tensor, lefts: torch.Tensor, win_h: torch.Tensor, win_w: torch.Tensor,
+               heights: torch.Tensor, widths: torch.Tensor, span: tuple[int, int],
+               thr_logit: float) -> None:
+    """Paste K binarised masks into a transposed canvas, in place (the batched form).
+
+    Args:
+        canvas_t: zeroed bool [N, W_max, H_max], column-major masks (``canvas_t[i, x, y]``), as
+            :func:`segdist.proposals.rle.encode_with_boxes` reads ``canvas_t.transpose(1, 2)``.
+        slots: int64 [K] canvas slot of each mask.
+        logits: float32 [K, o, o] per-window values (row-major, rows = y).
+        tops, lefts, win_h, win_w: float64 [K], window top-left and size in image pixels.
+        heights, widths: int64 [K], each mask's image size (<= H_max, W_max); nothing is written
+            outside a mask's own image.
+        span: (ny, nx), host-known bounds of every window's pixel span: at least
+            min(ceil(win) + 1, image side) and at most (H_max, W_max). Any value in that range
+            gives the same masks.
+        thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
+    """
+    k, o = logits.shape[0], logits.shape[-1]
+    if k == 0:
+        return
+    dev = logits.device
+    ny, nx = span
+    # first pixel whose centre is inside the window, shifted so the span stays in the canvas:
+    # every written index is then in range and unique per mask (no clamping, no collisions)
+    sy = torch.minimum(torch.ceil(tops - 0.5).long().clamp(min=0), (heights - ny).clamp(min=0))
+    sx = torch.minimum(torch.ceil(lefts - 0.5).long().clamp(min=0), (widths - nx).clamp(min=0))
+    my, vy = _axis_matrix(sy, tops, win_h, ny, heights, o)
+    mx, vx = _axis_matrix(sx, lefts, win_w, nx, widths, o)
+    vals = my @ logits.float() @ mx.transpose(1, 2)                   # K x ny x nx
+    on = (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
+    del vals
+    rows = (sy[:, None] + torch.arange(ny, device=dev))[:, None, :]   # K x 1 x ny
+    cols = (sx[:, None] + torch.arange(nx, device=dev))[:, :, None]   # K x nx x 1
+    canvas_t.index_put_((slots[:, None, None], cols, rows), on.transpose(1, 2))
+
+
 def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
                 win_h: float | torch.Tensor, win_w: float | torch.Tensor, height: int, width: int,
-                thr_logit: float,
-                out: torch.Tensor | None = None, index: torch.Tensor | None = None) -> torch.Tensor:
-    """Binarised masks in the image frame.
+                thr_logit: float) -> torch.Tensor:
+    """Binarised masks in the image frame (one image size; see :func:`paste_into`).
 
     Args:
         logits: float32 [K, o, o] per-window values (logits; Mask R-CNN passes probabilities),
@@ -49,35 +87,22 @@ def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
         win_h, win_w: window size in image pixels: a float (same for all K) or float64 [K].
         height, width: image size.
         thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
-        out, index: optionally a zeroed bool canvas [N, height, width] and int64 [K] slots of it
-            to write into (avoids a second full-resolution copy).
     Returns:
-        bool [K, height, width] (or ``out``, with the K masks written at ``index``).
+        bool [K, height, width], a transposed view of a column-major canvas (what the RLE reads).
     """
-    k, o = logits.shape[0], logits.shape[-1]
+    k = logits.shape[0]
     dev = logits.device
-    if out is None:
-        out = torch.zeros(k, height, width, dtype=torch.bool, device=dev)
-        index = torch.arange(k, device=dev)
+    canvas_t = torch.zeros(k, width, height, dtype=torch.bool, device=dev)
     if k == 0:
-        return out
+        return canvas_t.transpose(1, 2)
     win_h = torch.as_tensor(win_h, dtype=torch.float64, device=dev).expand(k)
     win_w = torch.as_tensor(win_w, dtype=torch.float64, device=dev).expand(k)
-    ny = min(math.ceil(float(win_h.max())) + 1, height)
-    nx = min(math.ceil(float(win_w.max())) + 1, width)
-    # first pixel whose centre is inside the window, shifted so the span stays in the image:
-    # then every written index is in range and unique per mask (no clamping, no collisions)
-    sy = torch.ceil(tops - 0.5).long().clamp(0, height - ny)
-    sx = torch.ceil(lefts - 0.5).long().clamp(0, width - nx)
-    my, vy = _axis_matrix(sy, tops, win_h, ny, height, o)
-    mx, vx = _axis_matrix(sx, lefts, win_w, nx, width, o)
-    vals = my @ logits.float() @ mx.transpose(1, 2)                   # K x ny x nx
-    on = (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
-    del vals
-    rows = (sy[:, None] + torch.arange(ny, device=dev))[:, :, None]   # K x ny x 1
-    cols = (sx[:, None] + torch.arange(nx, device=dev))[:, None, :]   # K x 1 x nx
-    out.index_put_((index[:, None, None], rows, cols), on)
-    return out
+    span = (min(math.ceil(float(win_h.max())) + 1, height), min(math.ceil(float(win_w.max())) + 1, width))
+    full = torch.full((k,), height, dtype=torch.int64, device=dev), \
+        torch.full((k,), width, dtype=torch.int64, device=dev)
+    paste_into(canvas_t, torch.arange(k, device=dev), logits, tops, lefts, win_h, win_w, *full,
+               span, thr_logit)
+    return canvas_t.transpose(1, 2)
 
 
 def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:

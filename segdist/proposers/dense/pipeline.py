@@ -1,11 +1,19 @@
-"""Whole-image DeepMask/SharpMask inference, as the original (InferDeepMask.lua, InferSharpMask.lua).
+"""Whole-image DeepMask/SharpMask inference, as the original (InferDeepMask.lua, InferSharpMask.lua),
+for a window of images at once with a fixed number of kernels per batch.
 
-For a batch of same-size images: every pyramid level (:mod:`.pyramid`), tile by tile, runs the
-network densely (stride 16) and scores every embedding cell; each image's best cells over all
-levels are kept in its :class:`~.pool.CandidatePool` (optionally NMS); masks are computed only for
-the final k cells, pasted back into the image's frame (:func:`segdist.proposers.paste.paste_masks`),
-binarised at probability ``threshold`` (logit > log(t / (1 - t))) and encoded to COCO RLE in
-batches sized by the memory budget.
+Two stages:
+
+1. :func:`run_levels`, per batch of same-size images: every pyramid level (:mod:`.pyramid`),
+   untiled when the batch fits the memory budget (else tile by tile), runs the network densely
+   (stride 16) and scores every embedding cell. Per level only the level image, the trunk's forward
+   and the score head run; the level's maps are kept (:class:`LevelMaps`).
+2. :func:`finish`, for all batches of a window together: each image's best k cells over all its
+   levels are selected by one stable sort per batch over [B, cells] (score descending, ties by
+   level, row, col: exactly the original's ranking whatever the batch), the optional box NMS runs,
+   then masks are computed for the selected windows only, pasted back into each image's frame
+   (:func:`segdist.proposers.paste.paste_into`), binarised at probability ``threshold``
+   (logit > log(t / (1 - t))) and encoded to COCO RLE, all in slabs of windows sized by the memory
+   budget: per slab a fixed number of ops, one ``nonzero`` and one device-to-host copy.
 
 Geometry (one location for score, mask and placement; the original's index quirk is not copied):
 embedding cell (r, c) of a level reads the i_sz x i_sz window of the *padded* level whose top-left
@@ -15,33 +23,359 @@ is rows [(16r - 80) * ry, (16r + 80) * ry).
 
 The model is any object with the dense protocol of :class:`~segdist.models.deepmask.DeepMask` and
 :class:`~segdist.models.sharpmask.SharpMask`: ``cfg`` (i_sz, f_sz), ``dense``, ``score_map``,
-``window_extras``, ``window_masks``, ``mask_size``, ``halo_px``, ``activation_bytes_per_px``.
+``window_masks``, ``mask_size``, ``halo_px``, ``activation_bytes_per_px`` and, for models with
+per-window extras (SharpMask), ``extras_layout``: (step, size) of each extras map's window.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from segdist.device import autocast
+from segdist.proposals.rle import encode_masks
 from segdist.proposals.types import ImageProposals
-from segdist.proposers.dense.pool import CandidatePool, offer
-from segdist.proposers.dense.pyramid import (STRIDE, Level, Tile, level_window, plan_tiles,
+from segdist.proposers.dense.pool import Candidates
+from segdist.proposers.dense.pyramid import (STRIDE, Level, level_image, plan_tiles,
                                              pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings
-from segdist.proposers.paste import paste_masks
+from segdist.proposers.paste import paste_into
+
+
+@dataclass
+class LevelMaps:
+    """One level of a batch of same-size images, whole (tiles assembled).
+
+    scores: float32 [B, eh, ew] score logits per embedding cell. emb: [B, fc_dim, eh, ew].
+    extras: per extras map [B, C, R, W] with R = ceil(hp / 16) * step rows (and likewise columns),
+    zero beyond the network's map, so that every cell's window lies inside.
+    """
+
+    level: Level
+    scores: torch.Tensor
+    emb: torch.Tensor
+    extras: list[torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """A batch of same-size images after stage 1: the window slots, size, and level maps."""
+
+    slots: list[int]
+    image_ids: list[int]
+    height: int
+    width: int
+    levels: list[LevelMaps]
+
+
+def _extras_layout(model) -> tuple[tuple[int, int], ...]:
+    return tuple(getattr(model, "extras_layout", ()))
+
+
+def _threshold_logit(settings: InferenceSettings) -> float:
+    return math.log(settings.threshold / (1 - settings.threshold))
+
+
+def run_levels(model, images: torch.Tensor, settings: InferenceSettings) -> list[LevelMaps]:
+    """Stage 1 for a batch of same-size images.
+
+    Args:
+        model: a DeepMask or SharpMask in eval mode (or any object with the dense protocol), on
+            the device of ``images``.
+        images: uint8 [B, 3, H, W] RGB.
+        settings: the pyramid, memory and precision settings.
+    Returns:
+        the maps of every level (:class:`LevelMaps`), in the settings' scale order.
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {list(images.shape)}")
+    b, _, height, width = images.shape
+    pad, f = model.cfg.i_sz // 2, model.cfg.f_sz
+    layout = _extras_layout(model)
+    out = []
+    with torch.inference_mode(), autocast(images.device, settings.precision):
+        for level in pyramid_levels(height, width, settings):
+            hp, wp = level.height + 2 * pad, level.width + 2 * pad
+            gh, gw = math.ceil(hp / STRIDE), math.ceil(wp / STRIDE)  # stride-16 grid
+            eh, ew = gh - f + 1, gw - f + 1
+            x = level_image(images, level, pad)
+            if settings.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            tiles = plan_tiles(level, model, settings, b)
+            if len(tiles) == 1:
+                emb, extras = model.dense(x)
+                scores = model.score_map(emb).float()
+                extras = [_pad_to(e, gh * step, gw * step) for e, (step, _) in zip(extras, layout)]
+                out.append(LevelMaps(level, scores, emb, extras))
+                continue
+            # Tiled: assemble whole-level maps from each tile's own cells (halos make them exact).
+            scores = emb = None
+            extras_full: list[torch.Tensor] = []
+            for t in tiles:
+                e, ex = model.dense(x[:, :, t.y0:t.y1, t.x0:t.x1])
+                ra, rc = t.a - t.y0 // STRIDE, t.c - t.x0 // STRIDE  # tile origin in local cells
+                own = e[:, :, ra:ra + t.b - t.a, rc:rc + t.d - t.c]
+                if emb is None:
+                    emb = own.new_zeros(b, own.shape[1], eh, ew)
+                    scores = torch.zeros(b, eh, ew, device=own.device)
+                    extras_full = [m.new_zeros(b, m.shape[1], gh * step, gw * step)
+                                   for m, (step, _) in zip(ex, layout)]
+                emb[:, :, t.a:t.b, t.c:t.d] = own
+                scores[:, t.a:t.b, t.c:t.d] = model.score_map(own).float()
+                for full, m, (step, _) in zip(extras_full, ex, layout):
+                    # rows [a*step, b*step) are this tile's (to the map's end for the last tile)
+                    r0, c0 = t.a * step, t.c * step
+                    r1 = t.b * step if t.b < eh else full.shape[2]
+                    c1 = t.d * step if t.d < ew else full.shape[3]
+                    oy, ox = t.y0 // STRIDE * step, t.x0 // STRIDE * step  # local map origin
+                    r1 = min(r1, oy + m.shape[2])
+                    c1 = min(c1, ox + m.shape[3])
+                    full[:, :, r0:r1, c0:c1] = m[:, :, r0 - oy:r1 - oy, c0 - ox:c1 - ox]
+            out.append(LevelMaps(level, scores, emb, extras_full))
+    return out
+
+
+def _pad_to(m: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad (or crop) map [B, C, h, w] to [B, C, rows, cols]."""
+    return torch.nn.functional.pad(m, (0, cols - m.shape[3], 0, rows - m.shape[2]))
+
+
+def finish(model, batches: Sequence[Batch], settings: InferenceSettings, name: str,
+           n_images: int) -> list[ImageProposals]:
+    """Stage 2 for all batches of a window: selection, masks, paste-back, RLE.
+
+    Args:
+        model: the model that ran stage 1.
+        batches: the window's batches (each a :class:`Batch`); slots 0..n_images-1 each once.
+        settings: k, threshold, NMS, memory and precision settings.
+        name: the preset recorded with the proposals.
+        n_images: images in the window.
+    Returns:
+        one ImageProposals per slot: at most k, sorted by score, masks at the image's size.
+    """
+    # Candidates are image-major in batch order: position p is the p-th image of that order.
+    order = [(slot, iid, b.height, b.width, cand_count(b, settings))
+             for b in batches for slot, iid in zip(b.slots, b.image_ids)]
+    if sorted(o[0] for o in order) != list(range(n_images)):
+        raise ValueError(f"batches must cover slots 0..{n_images - 1} once each")
+    with torch.inference_mode():
+        parts, extras_bufs = [], []
+        ext_offset = [0] * len(_extras_layout(model))
+        pos = 0
+        for batch in batches:
+            cand, bufs = _select(model, batch, settings, ext_offset, pos)
+            pos += len(batch.slots)
+            for i, buf in enumerate(bufs):
+                ext_offset[i] += buf.shape[0]
+            extras_bufs.append(bufs)
+            parts.append(cand)
+        bufs = [torch.cat([b[i] for b in extras_bufs]) for i in range(len(ext_offset))]
+        del extras_bufs
+        cand = Candidates.cat(parts)
+        del parts
+        counts = [o[4] for o in order]
+        if settings.nms:
+            cand, counts = _nms(model, cand, bufs, counts, settings)
+        spans = {}
+        for b in batches:  # a window's pixel span: at most the image, or the largest window
+            ry = max((lm.level.ry for lm in b.levels), default=1.0)
+            rx = max((lm.level.rx for lm in b.levels), default=1.0)
+            spans[id(b)] = (min(b.height, math.ceil(model.cfg.i_sz * ry) + 1),
+                            min(b.width, math.ceil(model.cfg.i_sz * rx) + 1))
+        geometry = np.asarray([(b.height, b.width, *spans[id(b)])
+                               for b in batches for _ in b.slots], np.int64).reshape(-1, 4)
+        geometry = np.repeat(geometry, counts, axis=0)                 # K x (h, w, span_y, span_x)
+        rles, boxes = _encode(model, cand, bufs, geometry, settings)
+        scores = torch.sigmoid(cand.logits.float()).cpu().numpy().astype(np.float32)
+    out: list[ImageProposals | None] = [None] * n_images
+    start = 0
+    for (slot, iid, h, w, _), n in zip(order, counts):
+        out[slot] = ImageProposals(int(iid), h, w, scores[start:start + n], boxes[start:start + n],
+                                   rles[start:start + n], name)
+        start += n
+    return out  # type: ignore[return-value]
+
+
+def cand_count(batch: Batch, settings: InferenceSettings) -> int:
+    """Candidates kept per image of ``batch`` (host-known: k, or all cells when fewer)."""
+    cap = settings.proposals * (settings.nms_pool if settings.nms else 1)
+    return min(cap, sum(lm.scores.shape[1] * lm.scores.shape[2] for lm in batch.levels))
+
+
+def _select(model, batch: Batch, settings: InferenceSettings, ext_offset: list[int], pos0: int
+            ) -> tuple[Candidates, list[torch.Tensor]]:
+    """The batch's candidates (image-major, ranking order; ``slot`` = pos0 + image index) and its
+    flat extras buffers ([B * cells, C] per extras map, channels last; their rows start at
+    ``ext_offset`` in the window's buffers)."""
+    levels = batch.levels
+    b = len(batch.slots)
+    dev = levels[0].scores.device if levels else torch.device("cpu")
+    n = cand_count(batch, settings)
+    layout = _extras_layout(model)
+    if n == 0:
+        empty = torch.zeros(0, device=dev)
+        z = empty.long()
+        return (Candidates(z, empty, empty.view(0, 0), empty.double(), empty.double(),
+                           empty.double(), empty.double(), z, z, z.view(0, len(layout)),
+                           z.view(0, len(layout))),
+                [torch.zeros(0, 1, device=dev) for _ in layout])
+    i_sz, pad = model.cfg.i_sz, model.cfg.i_sz // 2
+    # Flat cell index over all levels, level-major then row, col: a stable descending sort ranks
+    # ties by (level, row, col), as the original's (and every batch's) order.
+    scores = torch.cat([lm.scores.reshape(b, -1) for lm in levels], 1)         # B x cells
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]  # B x n
+    logits = scores.gather(1, order).reshape(-1)                               # B*n
+    emb = torch.cat([lm.emb.permute(0, 2, 3, 1).reshape(b, -1, lm.emb.shape[1]) for lm in levels], 1)
+    vecs = emb.gather(1, order[..., None].expand(b, n, emb.shape[2])).reshape(b * n, -1).float()
+    del emb
+    # Per-level constants, host-known, in one small tensor: cell offset, grid width, ry, rx, and
+    # per extras map the level's offset and row stride in the flat buffer.
+    sizes = [lm.scores.shape[1] * lm.scores.shape[2] for lm in levels]
+    offs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    table = [offs, [lm.scores.shape[2] for lm in levels],
+             [lm.level.ry for lm in levels], [lm.level.rx for lm in levels]]
+    ext_sizes = [[int(lm.extras[i].shape[2] * lm.extras[i].shape[3]) for lm in levels]
+                 for i in range(len(layout))]
+    for i in range(len(layout)):
+        table.append(np.concatenate([[0], np.cumsum(ext_sizes[i])[:-1]]))
+        table.append([lm.extras[i].shape[3] for lm in levels])
+    consts = torch.tensor(np.asarray(table, dtype=np.float64).T, device=dev)   # L x columns
+    flat = order.reshape(-1)
+    lvl = torch.searchsorted(consts[:, 0].long().contiguous(), flat, right=True) - 1  # B*n
+    c = consts[lvl]                                                            # B*n x columns
+    local = flat - c[:, 0].long()
+    gw = c[:, 1].long()
+    row, col = torch.div(local, gw, rounding_mode="floor"), local % gw
+    ry, rx = c[:, 2], c[:, 3]
+    tops = (row.double() * STRIDE - pad) * ry
+    lefts = (col.double() * STRIDE - pad) * rx
+    img = torch.arange(b, device=dev).repeat_interleave(n, output_size=b * n)  # B*n
+    bufs, bases, strides = [], [], []
+    for i, (step, _) in enumerate(layout):
+        per_image = sum(ext_sizes[i])
+        base_lvl, stride = c[:, 4 + 2 * i].long(), c[:, 5 + 2 * i].long()
+        bases.append(ext_offset[i] + img * per_image + base_lvl + row * step * stride + col * step)
+        strides.append(stride)
+        chans = levels[0].extras[i].shape[1]
+        bufs.append(torch.cat([lm.extras[i].permute(0, 2, 3, 1).reshape(b, -1, chans)
+                               for lm in levels], 1).reshape(-1, chans).float())
+    slot = img + pos0
+    cand = Candidates(
+        slot=slot, logits=logits, vecs=vecs, tops=tops, lefts=lefts,
+        win_h=i_sz * ry, win_w=i_sz * rx,
+        heights=torch.full_like(slot, batch.height), widths=torch.full_like(slot, batch.width),
+        ext_base=torch.stack(bases, 1) if bases else slot.new_zeros(b * n, 0),
+        ext_stride=torch.stack(strides, 1) if strides else slot.new_zeros(b * n, 0))
+    return cand, bufs
+
+
+def _window_extras(model, cand: Candidates, bufs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each candidate's window of every extras map: [K, C, size, size] (zeros outside the map)."""
+    out = []
+    for i, (_, size) in enumerate(_extras_layout(model)):
+        ar = torch.arange(size, device=cand.logits.device)
+        index = (cand.ext_base[:, i, None, None] + ar[None, :, None] * cand.ext_stride[:, i, None, None]
+                 + ar[None, None, :])                                           # K x size x size
+        out.append(bufs[i][index].permute(0, 3, 1, 2).contiguous())             # K x C x size x size
+    return out
+
+
+def _mask_logits(model, cand: Candidates, bufs: list[torch.Tensor],
+                 settings: InferenceSettings) -> torch.Tensor:
+    """float32 [K, o, o] mask logits of the candidates' windows."""
+    with autocast(cand.logits.device, settings.precision):
+        return model.window_masks(cand.vecs, _window_extras(model, cand, bufs)).float()
+
+
+def _nms(model, cand: Candidates, bufs: list[torch.Tensor], counts: list[int],
+         settings: InferenceSettings) -> tuple[Candidates, list[int]]:
+    """The optional box NMS: per image, candidates whose mask box overlaps a better one's by more
+    than ``settings.nms`` IoU are dropped; the first k survivors are kept (opt-in, one host sync
+    per window for the survivors' count)."""
+    import torchvision
+
+    thr = _threshold_logit(settings)
+    o = model.mask_size
+    boxes = []
+    for s in range(0, len(cand), 256):
+        part = cand.take(slice(s, s + 256))
+        on = _mask_logits(model, part, bufs, settings) > thr
+        rows_any, cols_any = on.any(2), on.any(1)                              # K x o
+        ar = torch.arange(o, device=on.device)
+        r0 = torch.where(rows_any, ar, o).amin(1)
+        r1 = torch.where(rows_any, ar, -1).amax(1) + 1
+        c0 = torch.where(cols_any, ar, o).amin(1)
+        c1 = torch.where(cols_any, ar, -1).amax(1) + 1
+        ww, wh = part.win_w.float(), part.win_h.float()
+        bx = torch.stack([part.lefts + c0 * ww / o, part.tops + r0 * wh / o,
+                          part.lefts + c1 * ww / o, part.tops + r1 * wh / o], 1)
+        bx = torch.minimum(bx.clamp(min=0), torch.stack([part.widths, part.heights] * 2, 1))
+        bx[~rows_any.any(1)] = 0
+        boxes.append(bx)
+    keep = torchvision.ops.batched_nms(torch.cat(boxes).float(), cand.logits.float(),
+                                       cand.slot, settings.nms)
+    keep = keep.sort().values  # candidate order: image-major, ranking order within an image
+    slot = cand.slot[keep]
+    # rank of each survivor within its image; keep the first k
+    first = torch.searchsorted(slot, slot, right=False)
+    rank = torch.arange(len(keep), device=keep.device) - first
+    keep = keep[rank < settings.proposals]
+    per_image = torch.bincount(cand.slot[keep], minlength=len(counts)).tolist()
+    return cand.take(keep), per_image
+
+
+def _encode(model, cand: Candidates, bufs: list[torch.Tensor], geometry: np.ndarray,
+            settings: InferenceSettings) -> tuple[list[bytes], np.ndarray]:
+    """Compressed RLE and tight xywh boxes (float32 [K, 4]) of all candidates' masks, computed in
+    slabs of windows whose full-resolution canvases fit the memory budget (then dropped).
+
+    ``geometry``: int64 [K, 4] host-known per candidate: image height, width and the bound of its
+    window's pixel span (rows, cols)."""
+    k = len(cand)
+    if k == 0:
+        return [], np.zeros((0, 4), np.float32)
+    o = model.mask_size
+    thr = _threshold_logit(settings)
+    h, w, sy, sx = geometry.T
+    # bytes per window: canvas + change map (2 B/px) + the float product and its mask (5 B/px of
+    # the span) + the mask head's output and (SharpMask) refinement working set
+    cost = np.cumsum(2 * h * w + 5 * sy * sx + 32 * o * o)
+    budget = settings.memory_budget_mb * 2 ** 20
+    rles: list[bytes] = []
+    boxes = []
+    s = 0
+    while s < k:
+        e = max(s + 1, int(np.searchsorted(cost, (cost[s - 1] if s else 0) + budget, side="right")))
+        part = cand.take(slice(s, e))
+        hmax, wmax = int(h[s:e].max()), int(w[s:e].max())
+        span = (int(sy[s:e].max()), int(sx[s:e].max()))
+        logits = _mask_logits(model, part, bufs, settings)
+        canvas_t = torch.zeros(e - s, wmax, hmax, dtype=torch.bool, device=logits.device)
+        paste_into(canvas_t, torch.arange(e - s, device=logits.device), logits, part.tops,
+                   part.lefts, part.win_h, part.win_w, part.heights, part.widths, span, thr)
+        del logits
+        mixed = bool((h[s:e] != hmax).any() or (w[s:e] != wmax).any())
+        c, bx, _ = encode_masks(canvas_t.transpose(1, 2),
+                                heights=part.heights if mixed else None,
+                                widths=part.widths if mixed else None)
+        del canvas_t
+        rles.extend(c)
+        boxes.append(bx)
+        s = e
+    return rles, np.concatenate(boxes).astype(np.float32)
 
 
 def propose(model, images: torch.Tensor, image_ids: Sequence[int], settings: InferenceSettings,
             name: str) -> list[ImageProposals]:
-    """Proposals for a batch of same-size images.
+    """Proposals for one batch of same-size images (stage 1 then stage 2).
 
     Args:
-        model: a DeepMask or SharpMask in eval mode (or any object with the same dense protocol,
-            see the module docstring), on the device of ``images``.
+        model: a DeepMask or SharpMask in eval mode (or any object with the dense protocol, see
+            the module docstring), on the device of ``images``.
         images: uint8 [B, 3, H, W] RGB.
         image_ids: the B images' ids.
         settings: the pyramid, k, threshold, NMS, memory settings.
@@ -49,147 +383,7 @@ def propose(model, images: torch.Tensor, image_ids: Sequence[int], settings: Inf
     Returns:
         one ImageProposals per image: at most k, sorted by score, masks at H x W.
     """
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {list(images.shape)}")
-    b, _, height, width = images.shape
-    cap = settings.proposals * (settings.nms_pool if settings.nms else 1)
-    levels = pyramid_levels(height, width, settings)
-    pools: list[CandidatePool | None] = [None] * b
-    with torch.inference_mode():
-        with autocast(images.device, settings.precision):
-            for level in levels:
-                for tile in plan_tiles(level, model, settings, b):
-                    _collect(model, images, level, tile, pools, cap, settings)
-        by_index = {lv.index: lv for lv in levels}
-        out = []
-        for iid, pool in zip(image_ids, pools):
-            if pool is None or len(pool) == 0:
-                out.append(ImageProposals(int(iid), height, width, np.zeros(0, np.float32),
-                                          np.zeros((0, 4), np.float32), [], name))
-                continue
-            pool = _select(model, pool, by_index, height, width, settings)
-            counts, boxes = _encode_masks(model, pool, by_index, height, width, settings)
-            scores = torch.sigmoid(pool.logits.float()).cpu().numpy().astype(np.float32)
-            out.append(ImageProposals(int(iid), height, width, scores, boxes, counts, name))
-    return out
-
-
-def _threshold_logit(settings: InferenceSettings) -> float:
-    return math.log(settings.threshold / (1 - settings.threshold))
-
-
-def _collect(model, images: torch.Tensor, level: Level, tile: Tile,
-             pools: list[CandidatePool | None], cap: int, settings: InferenceSettings) -> None:
-    """Run one tile of one level and offer its best cells to each image's pool (in place)."""
-    pad = model.cfg.i_sz // 2
-    x = level_window(images, level, pad, tile.y0, tile.y1, tile.x0, tile.x1)
-    if settings.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    emb, extras = model.dense(x)
-    ra, rc = tile.a - tile.y0 // STRIDE, tile.c - tile.x0 // STRIDE  # tile origin in local cells
-    nr, nc = tile.b - tile.a, tile.d - tile.c
-    scores = model.score_map(emb[:, :, ra:ra + nr, rc:rc + nc]).float()  # B x nr x nc
-    for bi, pool in enumerate(pools):
-        flat = scores[bi].reshape(-1)
-        vals, idx = flat.topk(min(cap, flat.numel()), sorted=False)
-        lowest = None if pool is None else pool.floor(cap)
-        if lowest is not None:  # only cells that can still enter the pool
-            keep = vals >= lowest
-            vals, idx = vals[keep], idx[keep]
-            if len(idx) == 0:
-                continue
-        lr, lc = idx // nc + ra, idx % nc + rc
-        local = torch.stack([torch.full_like(lr, bi), lr, lc], 1)  # K x 3 (batch, row, col)
-        vecs = emb[local[:, 0], :, lr, lc].float()                  # K x fc_dim
-        wins = [w.float() for w in model.window_extras(extras, local)]
-        new = CandidatePool(vals, torch.full_like(lr, level.index), lr - ra + tile.a,
-                            lc - rc + tile.c, vecs, wins)
-        pools[bi] = offer(pool, new, cap)
-
-
-def _window_geometry(level: Level, rows: torch.Tensor, cols: torch.Tensor, i_sz: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Image-frame window (tops, lefts float64 [K], height, width) of cells (rows, cols) of a level."""
-    pad = i_sz // 2
-    tops = (rows.double() * STRIDE - pad) * level.ry
-    lefts = (cols.double() * STRIDE - pad) * level.rx
-    return tops, lefts, i_sz * level.ry, i_sz * level.rx
-
-
-def _select(model, pool: CandidatePool, levels: dict[int, Level], height: int, width: int,
-            settings: InferenceSettings) -> CandidatePool:
-    """The final k candidates of one image in ranking order (after the optional box NMS)."""
-    sel = torch.arange(len(pool), device=pool.vecs.device)
-    if settings.nms:
-        import torchvision
-
-        with autocast(pool.vecs.device, settings.precision):
-            boxes = _window_boxes(model, pool, levels, height, width, _threshold_logit(settings),
-                                  chunk=256)
-        sel = torchvision.ops.nms(boxes.float(), pool.logits.float(), settings.nms)
-        sel = sel.sort().values  # nms returns by decreasing score; pool order is the tie order
-    return pool.take(sel[:settings.proposals])
-
-
-def _window_boxes(model, pool: CandidatePool, levels: dict[int, Level], height: int, width: int,
-                  thr: float, chunk: int) -> torch.Tensor:
-    """float64 [N, 4] xyxy image boxes of each candidate's mask binarised at mask resolution."""
-    o = model.mask_size
-    boxes = torch.zeros(len(pool), 4, dtype=torch.float64, device=pool.vecs.device)
-    i_sz = model.cfg.i_sz
-    for s in range(0, len(pool), chunk):
-        sl = slice(s, s + chunk)
-        logits = model.window_masks(pool.vecs[sl], [e[sl] for e in pool.extras]).float()
-        on = logits > thr
-        rows_any, cols_any = on.any(2), on.any(1)                     # K x o
-        ar = torch.arange(o, device=on.device)
-        r0 = torch.where(rows_any, ar, o).amin(1)
-        r1 = torch.where(rows_any, ar, -1).amax(1) + 1
-        c0 = torch.where(cols_any, ar, o).amin(1)
-        c1 = torch.where(cols_any, ar, -1).amax(1) + 1
-        for li in pool.level[sl].unique().tolist():
-            sel = (pool.level[sl] == li).nonzero().squeeze(1)
-            lv = levels[li]
-            tops, lefts, wh, ww = _window_geometry(lv, pool.row[sl][sel], pool.col[sl][sel], i_sz)
-            b = torch.stack([lefts + c0[sel] * ww / o, tops + r0[sel] * wh / o,
-                             lefts + c1[sel] * ww / o, tops + r1[sel] * wh / o], 1)
-            b[:, 0::2] = b[:, 0::2].clamp(0, width)
-            b[:, 1::2] = b[:, 1::2].clamp(0, height)
-            empty = ~rows_any[sel].any(1)
-            b[empty] = 0
-            boxes[s + sel] = b
-    return boxes
-
-
-def _encode_masks(model, pool: CandidatePool, levels: dict[int, Level], height: int, width: int,
-                  settings: InferenceSettings) -> tuple[list[bytes], np.ndarray]:
-    """Compressed RLE and tight xywh boxes (float32 [K, 4]) of the pool's masks at H x W, computed
-    in batches whose full-resolution canvases fit the memory budget (then dropped)."""
-    from segdist.proposals.rle import encode_masks
-
-    dev = pool.vecs.device
-    o, i_sz = model.mask_size, model.cfg.i_sz
-    thr = _threshold_logit(settings)
-    # bytes per mask in a batch: canvas + RLE working set (~4 B/px) + the window's float product
-    max_win = max(math.ceil(i_sz * lv.ry + 1) * math.ceil(i_sz * lv.rx + 1) for lv in levels.values())
-    per_mask = 5 * height * width + 16 * min(max_win, height * width) + 8 * o * o
-    chunk = max(1, min(len(pool), settings.memory_budget_mb * 2 ** 20 // per_mask))
-    counts: list[bytes] = []
-    boxes = []
-    for s in range(0, len(pool), chunk):
-        part = pool.take(torch.arange(s, min(s + chunk, len(pool)), device=dev))
-        with autocast(dev, settings.precision):
-            logits = model.window_masks(part.vecs, part.extras)
-        logits = logits.float()
-        canvas = torch.zeros(len(part), height, width, dtype=torch.bool, device=dev)
-        for li in part.level.unique().tolist():
-            members = (part.level == li).nonzero().squeeze(1)
-            tops, lefts, wh, ww = _window_geometry(levels[li], part.row[members],
-                                                   part.col[members], i_sz)
-            paste_masks(logits[members], tops, lefts, wh, ww, height, width, thr, canvas, members)
-        del logits
-        c, bx, _ = encode_masks(canvas)
-        del canvas
-        counts.extend(c)
-        boxes.append(bx)
-    return counts, np.concatenate(boxes).astype(np.float32)
+    levels = run_levels(model, images, settings)
+    b, _, h, w = images.shape
+    batch = Batch(list(range(b)), [int(i) for i in image_ids], h, w, levels)
+    return finish(model, [batch], settings, name, b)

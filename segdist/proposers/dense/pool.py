@@ -1,63 +1,55 @@
-"""The candidate pool: the windows of one image that can still become proposals, column-wise.
+"""The candidates of a window of images, column-wise: every selected embedding cell of every image.
 
-Every column is a tensor with one row per candidate window, so the pool is filtered, merged and
-ranked as a whole (no per-candidate Python objects): ``logits`` float32[N] score logits, ``level``
-/ ``row`` / ``col`` int64[N] the pyramid level index and embedding cell, ``vecs`` float32[N, fc_dim]
-the embedding vectors the mask head needs, ``extras`` a list of float32[N, ...] per-window inputs of
-the mask head (SharpMask's horizontal-net windows; empty for DeepMask).
+Every column is a tensor with one row per candidate window, so candidates are filtered, merged
+and ranked as a whole (no per-candidate Python objects), MaskData-style:
 
-The ranking is (score descending, then level, row, col ascending): the same windows win whatever
-the tiling or the order in which levels and tiles were offered.
+- ``slot`` int64[K]: the image's position in the window (output order);
+- ``logits`` float32[K]: score logits; ``vecs`` float32[K, fc_dim]: the embedding vectors the mask
+  head reads;
+- ``tops``, ``lefts``, ``win_h``, ``win_w`` float64[K]: the window in image pixels (top-left may
+  be negative); ``heights``, ``widths`` int64[K]: the image size;
+- ``ext_base``, ``ext_stride`` int64[K, n_extras]: where each window of each extras map starts in
+  the flat extras buffers, and that map's row stride (SharpMask's horizontal-net windows; no
+  columns for DeepMask).
+
+Rows are image-major, each image's in ranking order: score descending, then level, row, col
+ascending, the same windows whatever the tiling, the batch or the order images came in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import torch
 
 
 @dataclass(frozen=True)
-class CandidatePool:
-    """Candidate windows, one row per window in every column (see the module docstring)."""
+class Candidates:
+    """Candidate windows of a window of images, one row per window (see the module docstring)."""
 
+    slot: torch.Tensor
     logits: torch.Tensor
-    level: torch.Tensor
-    row: torch.Tensor
-    col: torch.Tensor
     vecs: torch.Tensor
-    extras: list[torch.Tensor] = field(default_factory=list)
+    tops: torch.Tensor
+    lefts: torch.Tensor
+    win_h: torch.Tensor
+    win_w: torch.Tensor
+    heights: torch.Tensor
+    widths: torch.Tensor
+    ext_base: torch.Tensor
+    ext_stride: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.logits)
 
-    def take(self, index: torch.Tensor) -> "CandidatePool":
-        """The rows ``index`` (int64 indices or a bool mask), in that order."""
-        return CandidatePool(self.logits[index], self.level[index], self.row[index],
-                             self.col[index], self.vecs[index], [e[index] for e in self.extras])
+    def take(self, index: torch.Tensor | slice) -> "Candidates":
+        """The rows ``index`` (int64 indices, a bool mask or a slice), in that order."""
+        return Candidates(*(getattr(self, f.name)[index] for f in fields(self)))
 
-    def cat(self, other: "CandidatePool") -> "CandidatePool":
-        """This pool's rows followed by ``other``'s."""
-        return CandidatePool(
-            torch.cat([self.logits, other.logits]), torch.cat([self.level, other.level]),
-            torch.cat([self.row, other.row]), torch.cat([self.col, other.col]),
-            torch.cat([self.vecs, other.vecs]),
-            [torch.cat([a, b]) for a, b in zip(self.extras, other.extras)])
-
-    def best(self, cap: int) -> "CandidatePool":
-        """The top ``cap`` rows in ranking order (score desc; ties by level, row, col)."""
-        # location order first, then a stable sort by score: ties resolve by location
-        loc = (self.level * (1 << 20) + self.row) * (1 << 20) + self.col
-        order = torch.sort(loc, stable=True).indices
-        order = order[torch.sort(self.logits[order], descending=True, stable=True).indices][:cap]
-        return self.take(order)
-
-    def floor(self, cap: int) -> float | None:
-        """Lowest score logit a new window needs to enter a ranked pool of ``cap`` (None while
-        the pool holds fewer)."""
-        return None if len(self) < cap else float(self.logits[-1])
-
-
-def offer(pool: CandidatePool | None, new: CandidatePool, cap: int) -> CandidatePool:
-    """The best ``cap`` of ``pool`` (None: empty) and ``new`` together."""
-    return (new if pool is None else pool.cat(new)).best(cap)
+    @staticmethod
+    def cat(parts: list["Candidates"]) -> "Candidates":
+        """The rows of ``parts`` one after the other."""
+        if len(parts) == 1:
+            return parts[0]
+        return Candidates(*(torch.cat([getattr(p, f.name) for p in parts])
+                            for f in fields(Candidates)))

@@ -105,6 +105,12 @@ def level_window(images: torch.Tensor, level: Level, pad: int,
     return out
 
 
+def level_image(images: torch.Tensor, level: Level, pad: int) -> torch.Tensor:
+    """The whole padded, normalised level image: float32 [B, 3, height + 2 pad, width + 2 pad]
+    (see :func:`level_window`)."""
+    return level_window(images, level, pad, 0, level.height + 2 * pad, 0, level.width + 2 * pad)
+
+
 # -------------------------------------------------------------------------------------------------
 # Tiles
 
