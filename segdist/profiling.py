@@ -25,8 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # ops whose result the host must wait for (the output size or value is data-dependent)
-SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "unique", "_unique", "_unique2",
-                      "unique_dim", "unique_consecutive", "masked_select", "nonzero_static"})
+SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "nonzero_numpy", "unique",
+                      "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
+                      "nonzero_static"})
 
 _STAGES: list[Counter | None] = [None]  # the active profile's host-stage CPU seconds
 
@@ -77,21 +78,32 @@ class OpCounter(TorchDispatchMode):
         self.syncs_by_region[self._region[-1]] += n
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        # Ops are counted as they enter the dispatcher (a composite such as conv2d or batch_norm
+        # once: one kernel on a GPU), so this mode must be the innermost one: a mode pushed after
+        # it that decomposes ops (flop_counter does) would feed it the Python decompositions.
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
-        if not func.is_view:
+        out = func(*args, **kwargs)
+        if not func.is_view or _copied(out, args):  # reshape/contiguous that had to copy count
             self.ops += 1
             self.by_op[name] += 1
             self.by_region[self._region[-1]] += 1
         if name in SYNC_OPS or (name == "repeat_interleave" and kwargs.get("output_size") is None
                                 and not (args and isinstance(args[0], int))):
             self.add_sync()
-        elif name in ("_to_copy", "copy_") and args and isinstance(args[0], torch.Tensor):
-            src = args[0] if name == "_to_copy" else args[1]
-            dst = kwargs.get("device") if name == "_to_copy" else args[0].device
-            if src.device.type != "cpu" and dst is not None and torch.device(dst).type == "cpu":
+        elif name in ("_to_copy", "to", "copy_") and args and isinstance(args[0], torch.Tensor):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else getattr(out, "device", None)
+            if src.device.type != "cpu" and dst is not None and dst.type == "cpu":
                 self.add_sync()
-        return func(*args, **kwargs)
+        return out
+
+
+def _copied(out, args) -> bool:
+    """Whether an aliasing op (reshape, contiguous, ...) returned new storage (it copied)."""
+    if not (isinstance(out, torch.Tensor) and args and isinstance(args[0], torch.Tensor)):
+        return False
+    return out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
 
 
 @contextlib.contextmanager

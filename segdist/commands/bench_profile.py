@@ -59,9 +59,20 @@ def _trunk_flops(proposer, sizes: list[tuple[int, int]], counter_cls) -> float |
         for lv in pyramid_levels(h, w, settings):
             x = torch.empty(1, 3, lv.height + 2 * pad, lv.width + 2 * pad, device="meta")
             with counter_cls(display=False) as fc, torch.inference_mode():
-                type(meta).dense(meta, x)  # the class's: the instance may carry a counting wrapper
-            total += fc.get_total_flops()
+                meta.dense(x)
+            total += _module_flops(fc, "Trunk")
     return float(total)
+
+
+def _module_flops(counter, cls_name: str) -> int:
+    """FLOPs flop_counter attributed to the outermost modules of class ``cls_name`` (the ResNet
+    trunk: tiles and halos included when the run was tiled)."""
+    counts = counter.get_flop_counts()
+    names = [k for k in counts if k.split(".")[-1] == cls_name or k.endswith(f"({cls_name})")]
+    if not names:
+        names = [k for k in counts if cls_name.lower() in k.lower()]
+    outer = [k for k in names if not any(k != o and k.startswith(o + ".") for o in names)]
+    return int(sum(sum(counts[k].values()) for k in outer))
 
 
 def measure(spec: dict) -> dict:
@@ -93,7 +104,6 @@ def measure(spec: dict) -> dict:
         gen(_images(1, 320, 240, seed=0), [10 ** 6])  # warm-up: allocator, lazy imports
         counter, stages = OpCounter(), Counter()
         _region_torchvision(gen, counter)
-        _count_trunk_flops(gen, stages, FlopCounterMode)
         window = spec.get("window") or n
         wall0, cpu0 = time.perf_counter(), time.process_time()
         out = []
@@ -113,8 +123,8 @@ def measure(spec: dict) -> dict:
     if out and out[0].counts is None:
         enc.pop("coco_json_segm")
     untiled = _trunk_flops(gen, sizes, FlopCounterMode)
-    trunk = stages.get("trunk_flops")
-    ms = {k: v * 1000 / n for k, v in stages.items() if k != "trunk_flops"}
+    trunk = _module_flops(flops, "Trunk") if untiled is not None else None
+    ms = {k: v * 1000 / n for k, v in stages.items()}
     res = {
         "images": n, "sizes": Counter(f"{w}x{h}" for w, h in sizes).most_common(),
         "window": window, "ops_per_image": counter.ops / n, "syncs_per_image": counter.syncs / n,
@@ -136,22 +146,6 @@ def measure(spec: dict) -> dict:
     res["host_ms_rle_and_encoders"] = sum(host.get(k, 0.0) for k in (
         "rle_host", "coco_json_segm", "coco_json_bbox", "parquet"))
     return res
-
-
-def _count_trunk_flops(proposer, stages: Counter, counter_cls) -> None:
-    """Add the FLOPs of every ``model.dense`` call (the trunk, tiles and halos included) to
-    ``stages["trunk_flops"]``."""
-    model = getattr(proposer, "model", None)
-    if model is None or not hasattr(model, "dense"):
-        return
-    dense = model.dense
-
-    def counted(x):
-        with counter_cls(display=False) as fc:
-            out = dense(x)
-        stages["trunk_flops"] += fc.get_total_flops()
-        return out
-    model.dense = counted  # this child process only measures
 
 
 def _region_torchvision(proposer, counter) -> None:

@@ -1,0 +1,79 @@
+"""Batching does not change results: an image's proposals are byte-identical whatever window, batch,
+slab or order it ran in; batches are sized by the memory budget; the tile planner does not tile
+a batch that fits untiled at a smaller size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segdist.models.deepmask import DeepMask, DeepMaskConfig
+from segdist.models.sharpmask import SharpMask
+from segdist.proposers.dense.proposer import DenseProposer
+from segdist.proposers.dense.pyramid import plan_tiles, pyramid_levels
+from segdist.proposers.dense.settings import InferenceSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SIZES = [(40, 56), (56, 40), (40, 56), (33, 61), (40, 56)]
+
+
+def images():
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(3)
+    dm = DeepMask(DeepMaskConfig(arch="resnet18")).eval()
+    return {"deepmask": dm, "sharpmask": SharpMask(dm).eval()}
+
+
+def proposer(model, budget_mb=1024, batch_size=8, nms=None):
+    settings = InferenceSettings(scales=(0.5, 2.0 ** 0.5), proposals=12, nms=nms,
+                                 memory_budget_mb=budget_mb)
+    return DenseProposer("test", model, settings, device=torch.device("cpu"),
+                         batch_size=batch_size, weights_sha256=None)
+
+
+def same(a, b) -> bool:
+    return (a.image_id == b.image_id and a.counts == b.counts
+            and a.scores.tobytes() == b.scores.tobytes() and a.boxes.tobytes() == b.boxes.tobytes())
+
+
+@pytest.mark.parametrize("which,nms", [("deepmask", None), ("sharpmask", None), ("deepmask", 0.5)])
+def test_proposals_do_not_depend_on_the_batch(models, which, nms):
+    model, imgs = models[which], images()
+    ids = list(range(100, 100 + len(imgs)))
+    whole = proposer(model, nms=nms)(imgs, ids)             # one window: batches of 3, 1, 1
+    assert [p.image_id for p in whole] == ids
+    assert all(len(p) == 12 if nms is None else 0 < len(p) <= 12 for p in whole)
+    alone = [proposer(model, nms=nms)([im], [i])[0] for im, i in zip(imgs, ids)]
+    # a budget so small that every batch holds one image, every slab one mask, and stage 2 runs
+    # image by image; and a different window order
+    tiny = proposer(model, budget_mb=16, batch_size=1, nms=nms)(imgs, ids)
+    order = [3, 2, 0, 4, 1]
+    shuffled = proposer(model, nms=nms)([imgs[i] for i in order], [ids[i] for i in order])
+    for i in range(len(imgs)):
+        assert same(whole[i], alone[i]), i
+        assert same(whole[i], tiny[i]), i
+        assert same(whole[i], shuffled[order.index(i)]), i
+
+
+def test_batch_size_follows_the_budget(models):
+    model = models["deepmask"]
+    gen = proposer(model, budget_mb=1024, batch_size=64)
+    pad = model.cfg.i_sz // 2
+    largest = max((lv.height + 2 * pad) * (lv.width + 2 * pad)
+                  for lv in pyramid_levels(480, 640, gen.settings))
+    per_image = largest * model.activation_bytes_per_px
+    cap = gen.batch_cap(480, 640)
+    assert cap == min(64, 1024 * 2 ** 20 // 2 // per_image) and cap > 1
+    assert proposer(model, budget_mb=1024, batch_size=3).batch_cap(480, 640) == 3
+    # at the chosen batch no level is tiled; at twice the batch the largest one would be
+    for lv in pyramid_levels(480, 640, gen.settings):
+        assert len(plan_tiles(lv, model, gen.settings, cap)) == 1
+    big = max(pyramid_levels(480, 640, gen.settings), key=lambda lv: lv.height)
+    assert len(plan_tiles(big, model, gen.settings, 2 * cap + 2)) > 1
