@@ -164,17 +164,44 @@ def test_scale_count_per_preset(name, n):
     assert len(levels) == n
 
 
-def test_level_window_equals_interpolate_pad_normalise():
-    rng = np.random.default_rng(0)
-    img = torch.from_numpy(rng.integers(0, 255, (1, 3, 37, 53), dtype=np.uint8))
-    level = Level(0, 1.4, 52, 74, 37 / 52, 53 / 74)
-    ref = F.interpolate(img.float() / 255, size=(52, 74), mode="bilinear", align_corners=False)
-    ref = F.pad(ref, (80, 80, 80, 80), value=0.5)
+def resampling_ex_loop(plane: np.ndarray, oh: int, ow: int) -> np.ndarray:
+    """nnx SpatialReSamplingEx (mode='bilinear') as its C loop computes it, pixel by pixel in
+    float32; an output side of 1 (where the C code divides by zero) reads position 0."""
+    f = np.float32
+    ih, iw = plane.shape
+    wr = f(0) if ow == 1 else f(iw - 1) / f(ow - 1)
+    hr = f(0) if oh == 1 else f(ih - 1) / f(oh - 1)
+    out = np.zeros((oh, ow), np.float32)
+    for y in range(oh):
+        for x in range(ow):
+            ix, iy = wr * f(x), hr * f(y)
+            x0, y0 = int(np.floor(ix)), int(np.floor(iy))
+            se = (ix - f(x0)) * (iy - f(y0))
+            sw = (f(x0 + 1) - ix) * (iy - f(y0))
+            ne = (ix - f(x0)) * (f(y0 + 1) - iy)
+            nw = (f(x0 + 1) - ix) * (f(y0 + 1) - iy)
+            x1, y1 = min(x0 + 1, iw - 1), min(y0 + 1, ih - 1)
+            out[y, x] = (plane[y0, x0] * nw + plane[y0, x1] * ne + plane[y1, x0] * sw
+                         + plane[y1, x1] * se)
+    return out
+
+
+@pytest.mark.parametrize("src,dst", [((37, 53), (52, 74)), ((37, 53), (13, 9)), ((9, 7), (1, 5)),
+                                     ((9, 7), (4, 1)), ((1, 7), (3, 11)), ((11, 13), (11, 13))])
+def test_level_window_is_spatial_resampling_ex(src, dst):
+    # The original's pyramid (InferDeepMask.lua: nn.SpatialReSamplingEx{mode='bilinear'}), on odd
+    # sizes, shrinking and enlarging, output sides of 1: exactly, then padded and normalised.
+    rng = np.random.default_rng(sum(src + dst))
+    img = torch.from_numpy(rng.integers(0, 255, (1, 3, *src), dtype=np.uint8))
+    unit = img.numpy()[0].astype(np.float32) * np.float32(1 / 255)    # image.load's [0, 1]
+    ref = np.stack([resampling_ex_loop(unit[c], *dst) for c in range(3)])[None]
+    ref = F.pad(torch.from_numpy(ref), (80, 80, 80, 80), value=0.5)
     ref = (ref - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    whole = level_window(img, level, 80, 0, 212, 0, 234)
-    assert torch.allclose(whole, ref, atol=1e-4)
-    part = level_window(img, level, 80, 64, 160, 48, 112)
-    assert torch.allclose(part, ref[..., 64:160, 48:112], atol=1e-4)
+    level = Level(0, 1.0, dst[0], dst[1], src[0] / dst[0], src[1] / dst[1])
+    whole = level_window(img, level, 80, 0, dst[0] + 160, 0, dst[1] + 160)
+    assert torch.equal(whole, ref)
+    part = level_window(img, level, 80, 64, 96 + dst[0] // 2, 48, 81 + dst[1])
+    assert torch.equal(part, ref[..., 64:96 + dst[0] // 2, 48:81 + dst[1]])
 
 
 def test_paste_masks_equals_resize_then_paste():

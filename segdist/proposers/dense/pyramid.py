@@ -1,8 +1,9 @@
 """The dense proposer's pyramid: levels of an image, their padded and normalised windows, and
 the tiles a level is run in (InferDeepMask.lua's pyramid, with bounded memory).
 
-Each level is the image resampled bilinearly to round(s*H) x round(s*W) (s: the pyramid scale
-times the ``max_image_side`` factor), padded by i_sz/2 = 80 px of value 0.5 on every side and
+Each level is the image resampled to round(s*H) x round(s*W) (s: the pyramid scale times the
+``max_image_side`` factor) as the original's pyramid does it (nnx's SpatialReSamplingEx, bilinear
+with aligned corners, for shrinking and enlarging alike), padded by i_sz/2 = 80 px of value 0.5 on every side and
 normalised with the ImageNet mean/std. A level whose padded size exceeds the trunk's share of the
 memory budget runs in tiles aligned to stride 16, each read with a halo of the network's receptive
 radius, so that tiled results equal untiled ones.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from segdist.proposers.dense.settings import InferenceSettings
@@ -59,29 +61,50 @@ def pyramid_levels(height: int, width: int, settings: InferenceSettings) -> list
 
 
 # -------------------------------------------------------------------------------------------------
-# Level images, resampled window by window
+# Level images, resampled window by window as nnx's SpatialReSamplingEx (mode='bilinear') does
 
 
-def _axis_interp(out_idx: torch.Tensor, in_size: int, out_size: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Bilinear source indices/weight along one axis, as F.interpolate(align_corners=False)."""
-    src = ((out_idx.double() + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    i0 = src.floor().long().clamp(max=in_size - 1)
-    i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0, i1, (src - i0.double()).float()
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] as Torch7's image.load makes them (times float32(1/255))."""
+    return images.float() * (1 / 255)
+
+
+def _axis_table(n_in: int, n_out: int, start: int, stop: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbours and weights along one axis for output pixels [start, stop) of n_in -> n_out.
+
+    SpatialReSamplingEx's bilinear rule, in its float32 arithmetic: aligned corners, position
+    p = ratio * i with ratio = float(n_in - 1) / (n_out - 1); neighbours floor(p) and floor(p) + 1
+    (clamped to the last pixel); weights (floor(p) + 1 - p) and (p - floor(p)). For n_out = 1 the
+    C code divides by zero (ratio inf, position NaN); we take ratio 0: the one output pixel is
+    the first input pixel.
+    Returns (i0, i1) int64 and (w0, w1) float32, each [stop - start].
+    """
+    ratio = np.float32(0) if n_out == 1 else np.float32(n_in - 1) / np.float32(n_out - 1)
+    pos = ratio * np.arange(start, stop, dtype=np.float32)            # float32 products
+    i0 = np.floor(pos).astype(np.int64)
+    w1 = pos - i0.astype(np.float32)
+    w0 = (i0 + 1).astype(np.float32) - pos
+    return i0, np.minimum(i0 + 1, n_in - 1), w0, w1
 
 
 def level_window(images: torch.Tensor, level: Level, pad: int,
                  y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
     """Rows [y0, y1) x cols [x0, x1) of the padded, normalised level image.
 
+    The level image is the original's: the image in [0, 1] (uint8 times float32(1/255), as
+    Torch7's image.load) resampled by SpatialReSamplingEx bilinear (see :func:`_axis_table`; the
+    four neighbours weighted by products of the axis weights and summed in the C code's order,
+    float32), padded by ``pad`` px of 0.5 and normalised per channel, (v - mean) / std.
+
     Args:
-        images: uint8 [B, 3, H, W] RGB (original resolution), on the compute device.
+        images: uint8 [B, 3, H, W] RGB (original resolution), on the compute device, or the
+            same already in [0, 1] (:func:`to_unit`, to convert once for all levels).
         level: the pyramid level; the padded level image is (height + 2 pad) x (width + 2 pad).
         pad: padding in level pixels (i_sz / 2), filled with 0.5 before normalisation.
     Returns:
         float32 [B, 3, y1 - y0, x1 - x0], ImageNet-normalised. Equal to slicing the whole padded
-        level image: only the source rows/columns the window needs are read.
+        level image: only the source pixels the window needs are read.
     """
     b, _, h, w = images.shape
     dev = images.device
@@ -92,22 +115,26 @@ def level_window(images: torch.Tensor, level: Level, pad: int,
     lx0, lx1 = max(x0 - pad, 0), min(x1 - pad, level.width)
     if ly0 >= ly1 or lx0 >= lx1:
         return out
-    r0, r1, wr = _axis_interp(torch.arange(ly0, ly1, device=dev), h, level.height)
-    c0, c1, wc = _axis_interp(torch.arange(lx0, lx1, device=dev), w, level.width)
-    # read only the source columns this window needs, then interpolate rows, then columns
-    clo, chi = int(c0.min()), int(c1.max()) + 1
-    src = images[:, :, :, clo:chi]
-    top, bot = src[:, :, r0].float(), src[:, :, r1].float()            # B x 3 x nr x nc_src
-    rows = torch.lerp(top, bot, wr.view(1, 1, -1, 1))
-    left, right = rows[..., c0 - clo], rows[..., c1 - clo]             # B x 3 x nr x nc
-    vals = torch.lerp(left, right, wc.view(1, 1, 1, -1)) / 255.0
+    ry0, ry1, wy0, wy1 = _axis_table(h, level.height, ly0, ly1)
+    cx0, cx1, wx0, wx1 = _axis_table(w, level.width, lx0, lx1)
+    # One host-to-device copy of the window's tables: indices are exact in float32 (< 2^24).
+    table = torch.from_numpy(np.concatenate([ry0, ry1, wy0, wy1, cx0, cx1, wx0, wx1]
+                                            ).astype(np.float32)).to(dev)
+    ny, nx = ly1 - ly0, lx1 - lx0
+    ry0_t, ry1_t, wy0_t, wy1_t = table[:4 * ny].view(4, ny, 1).unbind(0)
+    cx0_t, cx1_t, wx0_t, wx1_t = table[4 * ny:].view(4, 1, nx).unbind(0)
+    ry0_t, ry1_t, cx0_t, cx1_t = (t.long() for t in (ry0_t, ry1_t, cx0_t, cx1_t))
+    src = images if images.is_floating_point() else to_unit(images)    # B x 3 x H x W, [0, 1]
+    nw, ne = src[:, :, ry0_t, cx0_t] * (wx0_t * wy0_t), src[:, :, ry0_t, cx1_t] * (wx1_t * wy0_t)
+    sw, se = src[:, :, ry1_t, cx0_t] * (wx0_t * wy1_t), src[:, :, ry1_t, cx1_t] * (wx1_t * wy1_t)
+    vals = nw + ne + sw + se                                           # the C code's order
     out[:, :, ly0 + pad - y0:ly1 + pad - y0, lx0 + pad - x0:lx1 + pad - x0] = (vals - mean) / std
     return out
 
 
 def level_image(images: torch.Tensor, level: Level, pad: int) -> torch.Tensor:
     """The whole padded, normalised level image: float32 [B, 3, height + 2 pad, width + 2 pad]
-    (see :func:`level_window`)."""
+    (see :func:`level_window`; ``images`` uint8, or float32 in [0, 1])."""
     return level_window(images, level, pad, 0, level.height + 2 * pad, 0, level.width + 2 * pad)
 
 
