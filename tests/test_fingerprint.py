@@ -2,7 +2,10 @@
 
 The digests below were computed by the code *before* the proposer refactor (issue 10, commit
 b0f8743) and must not change unless a change of the output is intended (then say so in the commit
-and update them from this test's failure message). They cover every preset with its defaults and
+and update them from this test's failure message). The dense presets' digests were regenerated
+once since (issue 11): the pyramid's level images now follow the original's SpatialReSamplingEx
+(aligned corners) instead of align_corners=False bilinear; the Mask R-CNN digests are the
+originals. They cover every preset with its defaults and
 the dense pipeline's options (NMS, a trunk budget small enough to tile, ``max_image_side``, custom
 scales and threshold, a checkpoint file), on CPU with one torch thread: the float results of other
 CPU kernel families or torch versions may differ in the last bit, which flips a few mask pixels.
@@ -50,19 +53,19 @@ CASES: dict[str, dict] = {
 }
 
 EXPECTED = {
-    "deepmask": "358b98287028bed249d72afb0aae16c7501f6569e195e86276d00dc0b8330818",
-    "deepmask-zoom": "d89ed60b1b2b9724b085b212b1666bbf2cf2f1310c4fc37eb70eae38a8b8634d",
-    "deepmask-zoom2": "e41981f35fb898f37eb7293ed4ce76231d78e414efd700ad59b21e1e6006c7f9",
-    "sharpmask": "b07cb5cdba3bf1033c7f9b604a82875378b02a973b471f9326e4473d94747e1b",
-    "sharpmask-zoom": "34f7fd40f0f5398827b6b2a3dc9b6c8b50b1f887da639cbbfbfcd860ba9dacbf",
-    "sharpmask-zoom2": "3d97d63f25d3751fb896e8e910f06be9678a1bf4f79f4a26ddee5d707c1f8633",
+    "deepmask": "3841ce344c1a6eaa37e3ecd40abb3688aa13d72e7dc5c54c5667cbc1ce3b4634",
+    "deepmask-zoom": "ea6c98936e9b16277d23b04a565c1b15cd72fcc6cb22a1f192ca9181a25ef834",
+    "deepmask-zoom2": "3ea755d03a48926d91e7237a45187520b62463bf37921922aac28ab05e8590db",
+    "sharpmask": "073c6c4ce72a62860b18f72754b9383930d33f10bd4b238e55a1c8e68986cafb",
+    "sharpmask-zoom": "05922e3d2c27714f0afcaa0a7baa31dcd78a7ec0f30f136961f0548de8bca084",
+    "sharpmask-zoom2": "8ce814e47221048d53cb9aba97ad98b8cf2bc6c50020c946c118ee8c33778fc2",
     "maskrcnn": "92ab88751a3fa95d33ba1646d219b9299d600742d98e462d407cabec4b3e2a28",
     "maskrcnn-v2": "9330d864a6306131d00314481517a513078fa3445932a1647f657e692082392c",
     "maskrcnn-rpn": "f6fc438a4390bb98b73136b82abb4609933524ff737a17b121fef374f3b4d645",
-    "deepmask+nms": "9e66d43dc9f9fbf0fb6cf5a4ac2c46764ac85dacd1d6b2239be97a364e240eaf",
-    "sharpmask+tiled": "aa7dd5371387eeab51ab01f6ff9f9530e1aab12834eb9b4a3bee077a54519eca",
-    "deepmask+options": "fe91a6a6fa84972c3d723c7b2c8a355545fb53aa79de4e539edd412936c9cfe2",
-    "deepmask+checkpoint": "657a10c20e6f2b2bb638ff3028a5ad51190ee9ad125fae140cda6eea725dc6bc",
+    "deepmask+nms": "c5541d8889f9001e57042e8b0cdbc27c97d1f573a4a3ac1a6baf69f906b4892f",
+    "sharpmask+tiled": "46d6b6e17a5d39fe4c6d215e8615e9adb86dcd42076e4079881654aa0b85ee9f",
+    "deepmask+options": "dfb0ea98aa06c442f3e4832622c31a22d0a0bac9f1edc12712cd93d563766a71",
+    "deepmask+checkpoint": "205e8a28c453fbebd28a70a919a9b93909fdabaa41e3d5a0ef06a25b107ed11f",
 }
 
 
