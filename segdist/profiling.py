@@ -84,7 +84,12 @@ class OpCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         out = func(*args, **kwargs)
-        if not func.is_view or _copied(out, args):  # reshape/contiguous that had to copy count
+        # an op that returned its input unchanged (dropout in eval) launched nothing; an aliasing
+        # op (reshape, contiguous) that had to copy did
+        identity = out is (args[0] if args else None) and not func._schema.is_mutable
+        if identity and name == "to" and _names_device(args, kwargs):
+            identity = False  # .to(device) of a host tensor: a host-to-device copy on a GPU
+        if (not func.is_view and not identity) or (func.is_view and _copied(out, args)):
             self.ops += 1
             self.by_op[name] += 1
             self.by_region[self._region[-1]] += 1
@@ -97,6 +102,10 @@ class OpCounter(TorchDispatchMode):
             if src.device.type != "cpu" and dst is not None and dst.type == "cpu":
                 self.add_sync()
         return out
+
+
+def _names_device(args, kwargs) -> bool:
+    return any(isinstance(a, (torch.device, str)) for a in (*args[1:], *kwargs.values()))
 
 
 def _copied(out, args) -> bool:

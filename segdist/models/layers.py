@@ -7,20 +7,26 @@ every BatchNorm by a fixed per-channel affine ``y = a*x + b`` (``SpatialConstDia
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+@functools.lru_cache(maxsize=256)
 def _symmetric_index(n: int, before: int, after: int, device: torch.device) -> torch.Tensor:
     """Source indices for numpy's 'symmetric' padding of a length-``n`` axis (edge included).
 
     numpy repeats the mirror with period 2n, so pads wider than the axis are defined too:
-    for ``n = 3`` and pad 4 on the left the indices are ``[0, 2, 1, 0 | 0, 1, 2]``.
+    for ``n = 3`` and pad 4 on the left the indices are ``[0, 2, 1, 0 | 0, 1, 2]``. Computed on
+    the host and cached per (size, pads, device): a pyramid pads the same few sizes over and over,
+    and on a GPU each fresh index would cost kernels and a copy.
     """
-    i = torch.arange(-before, n + after, device=device)
-    i = torch.remainder(i, 2 * n)
-    return torch.where(i >= n, 2 * n - 1 - i, i)
+    i = np.remainder(np.arange(-before, n + after), 2 * n)
+    with torch.inference_mode(False):  # a cached inference tensor could not serve training
+        return torch.from_numpy(np.where(i >= n, 2 * n - 1 - i, i)).to(device)
 
 
 def symmetric_pad(x: torch.Tensor, pad: tuple[int, int, int, int]) -> torch.Tensor:

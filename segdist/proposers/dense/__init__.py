@@ -69,7 +69,8 @@ def build(config: DenseConfig) -> "DenseProposer":
     """A ready DeepMask/SharpMask proposer for ``config`` (weights loaded, on its device, eval)."""
     import torch
 
-    from segdist.device import resolve_device
+    from segdist.device import gpu_path, resolve_device
+    from segdist.models.fold import fold_batchnorm
     from segdist.proposers.dense.proposer import DenseProposer
 
     device = resolve_device(config.device)
@@ -79,6 +80,11 @@ def build(config: DenseConfig) -> "DenseProposer":
                     precision, channels_last, device)
         precision, channels_last = "fp32", False
     model, sha = _load_model(config)
+    if gpu_path(device):
+        # One kernel per conv+norm instead of two. Within float32 rounding of the unfolded model
+        # (tests/test_fold.py), not bit-identical: the CPU keeps the unfolded model, so CPU
+        # outputs stay those of the stored fingerprints.
+        fold_batchnorm(model)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -88,8 +88,15 @@ def _axis_table(n_in: int, n_out: int, start: int, stop: int
     return i0, np.minimum(i0 + 1, n_in - 1), w0, w1
 
 
+def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) float32 [1, 3, 1, 1] on ``device`` (make once, pass to every level)."""
+    ms = torch.tensor([MEAN, STD]).to(device)
+    return ms[0].view(1, 3, 1, 1), ms[1].view(1, 3, 1, 1)
+
+
 def level_window(images: torch.Tensor, level: Level, pad: int,
-                 y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+                 y0: int, y1: int, x0: int, x1: int,
+                 norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Rows [y0, y1) x cols [x0, x1) of the padded, normalised level image.
 
     The level image is the original's: the image in [0, 1] (uint8 times float32(1/255), as
@@ -102,14 +109,14 @@ def level_window(images: torch.Tensor, level: Level, pad: int,
             same already in [0, 1] (:func:`to_unit`, to convert once for all levels).
         level: the pyramid level; the padded level image is (height + 2 pad) x (width + 2 pad).
         pad: padding in level pixels (i_sz / 2), filled with 0.5 before normalisation.
+        norm: :func:`normalisation` of the device (made here when None).
     Returns:
         float32 [B, 3, y1 - y0, x1 - x0], ImageNet-normalised. Equal to slicing the whole padded
         level image: only the source pixels the window needs are read.
     """
     b, _, h, w = images.shape
     dev = images.device
-    mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
+    mean, std = norm if norm is not None else normalisation(dev)
     out = ((PAD_VALUE - mean) / std).expand(b, 3, y1 - y0, x1 - x0).clone()
     ly0, ly1 = max(y0 - pad, 0), min(y1 - pad, level.height)
     lx0, lx1 = max(x0 - pad, 0), min(x1 - pad, level.width)
@@ -117,13 +124,14 @@ def level_window(images: torch.Tensor, level: Level, pad: int,
         return out
     ry0, ry1, wy0, wy1 = _axis_table(h, level.height, ly0, ly1)
     cx0, cx1, wx0, wx1 = _axis_table(w, level.width, lx0, lx1)
-    # One host-to-device copy of the window's tables: indices are exact in float32 (< 2^24).
-    table = torch.from_numpy(np.concatenate([ry0, ry1, wy0, wy1, cx0, cx1, wx0, wx1]
-                                            ).astype(np.float32)).to(dev)
+    # Two host-to-device copies: the window's neighbour indices and its weights.
     ny, nx = ly1 - ly0, lx1 - lx0
-    ry0_t, ry1_t, wy0_t, wy1_t = table[:4 * ny].view(4, ny, 1).unbind(0)
-    cx0_t, cx1_t, wx0_t, wx1_t = table[4 * ny:].view(4, 1, nx).unbind(0)
-    ry0_t, ry1_t, cx0_t, cx1_t = (t.long() for t in (ry0_t, ry1_t, cx0_t, cx1_t))
+    index = torch.from_numpy(np.concatenate([ry0, ry1, cx0, cx1])).to(dev)
+    weight = torch.from_numpy(np.concatenate([wy0, wy1, wx0, wx1])).to(dev)
+    ry0_t, ry1_t = index[:2 * ny].view(2, ny, 1).unbind(0)
+    cx0_t, cx1_t = index[2 * ny:].view(2, 1, nx).unbind(0)
+    wy0_t, wy1_t = weight[:2 * ny].view(2, ny, 1).unbind(0)
+    wx0_t, wx1_t = weight[2 * ny:].view(2, 1, nx).unbind(0)
     src = images if images.is_floating_point() else to_unit(images)    # B x 3 x H x W, [0, 1]
     nw, ne = src[:, :, ry0_t, cx0_t] * (wx0_t * wy0_t), src[:, :, ry0_t, cx1_t] * (wx1_t * wy0_t)
     sw, se = src[:, :, ry1_t, cx0_t] * (wx0_t * wy1_t), src[:, :, ry1_t, cx1_t] * (wx1_t * wy1_t)
@@ -132,10 +140,12 @@ def level_window(images: torch.Tensor, level: Level, pad: int,
     return out
 
 
-def level_image(images: torch.Tensor, level: Level, pad: int) -> torch.Tensor:
+def level_image(images: torch.Tensor, level: Level, pad: int,
+                norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The whole padded, normalised level image: float32 [B, 3, height + 2 pad, width + 2 pad]
     (see :func:`level_window`; ``images`` uint8, or float32 in [0, 1])."""
-    return level_window(images, level, pad, 0, level.height + 2 * pad, 0, level.width + 2 * pad)
+    return level_window(images, level, pad, 0, level.height + 2 * pad, 0, level.width + 2 * pad,
+                        norm)
 
 
 # -------------------------------------------------------------------------------------------------
