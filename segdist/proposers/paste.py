@@ -115,16 +115,31 @@ def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:
     return torch.stack([x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half], 1).long()
 
 
-def paste_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
-                         threshold: float = 0.5) -> torch.Tensor:
-    """Mask R-CNN mask probabilities [K, M, M] in boxes xyxy [K, 4] (image px) -> bool [K, H, W].
+def paste_geometry(probs: torch.Tensor, boxes: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's paste geometry for Mask R-CNN masks, as windows for :func:`paste_into`.
 
-    Same geometry as torchvision's ``paste_masks_in_image`` (mask padded by one zero cell, box
-    expanded to match, rounded to integer pixels, bilinear resize), all K masks at once.
+    Args:
+        probs: mask probabilities [K, M, M]; boxes: xyxy [K, 4] in image pixels.
+    Returns:
+        (padded float32 [K, M+2, M+2], tops, lefts, win_h, win_w float64 [K]): the mask padded
+        by one zero cell, the box expanded to match and rounded to integer pixels, as
+        torchvision's ``paste_masks_in_image`` does.
     """
     m = probs.shape[-1]
     padded = torch.nn.functional.pad(probs.float(), (1, 1, 1, 1))   # K x (M+2) x (M+2)
     ib = _expanded_int_boxes(boxes, m)
     w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1).double()
     h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1).double()
-    return paste_masks(padded, ib[:, 1].double(), ib[:, 0].double(), h, w, height, width, threshold)
+    return padded, ib[:, 1].double(), ib[:, 0].double(), h, w
+
+
+def paste_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
+                   threshold: float = 0.5) -> torch.Tensor:
+    """Mask R-CNN mask probabilities [K, M, M] in boxes xyxy [K, 4] (image px) -> bool [K, H, W].
+
+    Same geometry as torchvision's ``paste_masks_in_image`` (:func:`paste_geometry`), all K masks
+    at once.
+    """
+    padded, tops, lefts, h, w = paste_geometry(probs, boxes)
+    return paste_masks(padded, tops, lefts, h, w, height, width, threshold)

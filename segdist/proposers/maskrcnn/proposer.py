@@ -21,7 +21,7 @@ from segdist.device import autocast
 from segdist.errors import ConfigError
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.interface import check_images
-from segdist.proposers.paste import paste_in_boxes
+from segdist.proposers.paste import paste_geometry, paste_into
 
 
 def _xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
@@ -49,12 +49,30 @@ class MaskRCNNProposer:
         """Proposals per image, in input order (see :class:`segdist.proposers.Proposer`)."""
         check_images(images, image_ids)
         out: list[ImageProposals] = []
-        for s in range(0, len(images), self.batch_size):
+        s = 0
+        while s < len(images):
+            n = self._batch_len(images[s:s + self.batch_size])
             batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self._device).permute(2, 0, 1)
-                     for im in images[s:s + self.batch_size]]                 # 3 x H x W each
+                     for im in images[s:s + n]]                                # 3 x H x W each
             with autocast(self._device, self.precision):
-                out.extend(self._batch(batch, image_ids[s:s + self.batch_size]))
+                out.extend(self._batch(batch, image_ids[s:s + n]))
+            s += n
         return out
+
+    def _batch_len(self, images: Sequence[np.ndarray]) -> int:
+        """How many of ``images`` (at most ``batch_size``) form the next batch: as many as the
+        network's working set (~300 B per pixel of the padded, resized batch tensor) fits in half
+        of the memory budget, at least one."""
+        t = self.model.transform
+        lo, hi = float(min(t.min_size)), float(t.max_size)
+        hmax = wmax = 0
+        for n, im in enumerate(images):
+            h, w = im.shape[:2]
+            scale = min(lo / min(h, w), hi / max(h, w))
+            hmax, wmax = max(hmax, h * scale), max(wmax, w * scale)
+            if n and (n + 1) * hmax * wmax * 300 > self.budget // 2:
+                return n
+        return max(1, len(images))
 
     def _batch(self, images: list[torch.Tensor], image_ids: Sequence[int]) -> list[ImageProposals]:
         """uint8 [3, H, W] RGB tensors on the model's device -> proposals per image."""
@@ -77,8 +95,8 @@ class MaskRCNNProposer:
                 return out
             props, _ = model.rpn(il, feats)
             dets, _ = model.roi_heads(feats, props, il.image_sizes)
-            return [self._masks(iid, d, isz, hw)
-                    for iid, d, isz, hw in zip(image_ids, dets, il.image_sizes, sizes)]
+            del feats, props
+            return self._masks(image_ids, dets, il.image_sizes, sizes)
 
     def _rpn(self, il, feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """RPN boxes and objectness probabilities (RegionProposalNetwork.forward drops scores)."""
@@ -93,26 +111,74 @@ class MaskRCNNProposer:
         proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
         return rpn.filter_proposals(proposals, objectness, il.image_sizes, per_level)
 
-    def _masks(self, image_id: int, det: dict, image_size, hw: tuple[int, int]) -> ImageProposals:
+    def _masks(self, image_ids: Sequence[int], dets: list[dict], image_sizes, sizes
+               ) -> list[ImageProposals]:
+        """Masks of all images of a batch at once: boxes back to each image's frame, each image's
+        top k by score, then paste-back and RLE of all masks together in slabs sized by the
+        memory budget (a fixed number of ops and syncs per slab, none per image or mask)."""
         from segdist.proposals.rle import encode_masks
-        from torchvision.models.detection.transform import resize_boxes
 
-        h, w = hw
-        boxes = resize_boxes(det["boxes"], image_size, hw)
-        order = torch.sort(det["scores"], descending=True, stable=True).indices[: self.k]
-        boxes, scores = boxes[order], det["scores"][order]
-        labels, probs = det["labels"][order], det["masks"][order][:, 0]   # K x 28 x 28
-        # canvas + RLE working set + the float window product, per mask
-        chunk = max(1, int(self.budget // (21 * h * w))) if len(order) else 1
+        dev = self._device
+        n_det = [len(d["scores"]) for d in dets]                       # host-known shapes
+        b = len(dets)
+        img = torch.repeat_interleave(torch.arange(b, device=dev),
+                                      torch.tensor(n_det, device=dev), output_size=sum(n_det))
+        # torchvision's resize_boxes arithmetic (float32 original / resized size per axis), for
+        # all images at once
+        both = torch.tensor([[*hw, *rhw] for hw, rhw in zip(sizes, image_sizes)],
+                            dtype=torch.float32, device=dev)           # B x (h, w, rh, rw)
+        ratios = (both[:, :2] / both[:, 2:])[img]                      # K x (ry, rx)
+        boxes = torch.cat([d["boxes"] for d in dets])
+        boxes = torch.stack([boxes[:, 0] * ratios[:, 1], boxes[:, 1] * ratios[:, 0],
+                             boxes[:, 2] * ratios[:, 1], boxes[:, 3] * ratios[:, 0]], 1)
+        scores = torch.cat([d["scores"] for d in dets])
+        # each image's detections by score, descending (stable), then images in order
+        order = torch.sort(scores, descending=True, stable=True).indices
+        order = order[torch.sort(img[order], stable=True).indices]
+        keep_n = [min(self.k, n) for n in n_det]
+        if any(k < n for k, n in zip(keep_n, n_det)):
+            starts = torch.tensor(np.cumsum([0] + n_det[:-1]), device=dev)
+            rank = torch.arange(len(order), device=dev) - starts[img]
+            order = order[rank < self.k]
+        img = img[order]
+        boxes, scores = boxes[order], scores[order]
+        labels = torch.cat([d["labels"] for d in dets])[order]
+        probs = torch.cat([d["masks"] for d in dets])[order][:, 0]     # K x 28 x 28
+        hw = np.repeat(np.asarray(sizes, np.int64).reshape(-1, 2), keep_n, axis=0)
+        heights = torch.from_numpy(hw[:, 0]).to(dev)
+        widths = torch.from_numpy(hw[:, 1]).to(dev)
         counts: list[bytes] = []
         tight = []
-        for s in range(0, len(order), chunk):
-            masks = paste_in_boxes(probs[s:s + chunk], boxes[s:s + chunk], h, w, self.mask_threshold)
-            c, bx, _ = encode_masks(masks)
-            del masks
-            counts.extend(c)
-            tight.append(bx)
-        return ImageProposals(
-            int(image_id), h, w, scores.float().cpu().numpy(),
-            np.concatenate(tight) if tight else np.zeros((0, 4), np.float32),
-            counts, self.name, labels.to(torch.int32).cpu().numpy())
+        if len(order):
+            geometry = paste_geometry(probs, boxes)
+            # one sync per batch: the largest pasted box bounds every mask's pixel span
+            span_h, span_w = torch.stack([geometry[3].max(), geometry[4].max()]).ceil().long().tolist()
+            cost = np.cumsum(2 * hw[:, 0] * hw[:, 1] + 5 * np.minimum(hw[:, 0], span_h + 1)
+                             * np.minimum(hw[:, 1], span_w + 1))
+            s = 0
+            while s < len(hw):
+                e = max(s + 1, int(np.searchsorted(cost, (cost[s - 1] if s else 0) + self.budget,
+                                                   side="right")))
+                hmax, wmax = int(hw[s:e, 0].max()), int(hw[s:e, 1].max())
+                canvas_t = torch.zeros(e - s, wmax, hmax, dtype=torch.bool, device=dev)
+                padded, tops, lefts, wh, ww = (g[s:e] for g in geometry)
+                paste_into(canvas_t, torch.arange(e - s, device=dev), padded, tops, lefts, wh, ww,
+                           heights[s:e], widths[s:e], (min(hmax, span_h + 1), min(wmax, span_w + 1)),
+                           self.mask_threshold)
+                mixed = bool((hw[s:e] != (hmax, wmax)).any())
+                c, bx, _ = encode_masks(canvas_t.transpose(1, 2),
+                                        heights=heights[s:e] if mixed else None,
+                                        widths=widths[s:e] if mixed else None)
+                del canvas_t
+                counts.extend(c)
+                tight.append(bx)
+                s = e
+        host = torch.cat([scores.float(), labels.float()]).cpu().numpy()  # one copy
+        sc, lb = host[:len(order)], host[len(order):].astype(np.int32)
+        boxes_h = np.concatenate(tight) if tight else np.zeros((0, 4), np.float32)
+        out, start = [], 0
+        for iid, (h, w), n in zip(image_ids, sizes, keep_n):
+            out.append(ImageProposals(int(iid), h, w, sc[start:start + n], boxes_h[start:start + n],
+                                      counts[start:start + n], self.name, lb[start:start + n]))
+            start += n
+        return out
