@@ -13,9 +13,10 @@ is not a GT category, and 1 is one in COCO, VOC-converted and synthetic GT. Resu
 image by image (ascending id) in rank order (descending score), which is the order the readers
 restore. Files ending in ``.gz`` are gzip-compressed (mtime 0, so a retried chunk is byte-identical).
 
-The encoders build the text record by record from NumPy arrays (no list of per-proposal dicts);
-floats are written with Python's shortest round-trip repr of the float32 value widened to float64,
-so reading back and casting to float32 gives the identical bits.
+The encoders build the text in bulk from NumPy arrays (no list of per-proposal dicts; the float
+reprs of a whole image in one call, the escapes of all its RLE strings in one pass); floats are
+written with Python's shortest round-trip repr of the float32 value widened to float64, so reading
+back and casting to float32 gives the identical bits.
 """
 
 from __future__ import annotations
@@ -41,34 +42,50 @@ def _check_finite(p: ImageProposals) -> None:
         raise ValueError(f"image {p.image_id}: scores and boxes must be finite to be written as JSON")
 
 
-def _records_segm(p: ImageProposals) -> Iterable[str]:
+def _reprs(values: np.ndarray) -> list[str]:
+    """``repr`` of each value widened to float64, computed in bulk (the list's repr formats every
+    element with float.__repr__ in C)."""
+    if values.size == 0:
+        return []
+    return repr(values.astype(np.float64).reshape(-1).tolist())[1:-1].split(", ")
+
+
+def _records_segm(p: ImageProposals) -> list[str]:
     if p.counts is None:
         if not len(p):
-            return
+            return []
         raise ValueError(f"image {p.image_id} has box-only proposals (counts=None): no segm file")
+    if not len(p):
+        return []
     head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
-    size = f',"segmentation":{{"size":[{int(p.height)},{int(p.width)}],"counts":'
-    for score, c in zip(p.scores.astype(np.float64).tolist(), p.counts):
-        # counts use the characters 48..111, which include the backslash: json.dumps escapes it.
-        yield head + repr(score) + size + json.dumps(c.decode("ascii")) + "}}"
+    size = f',"segmentation":{{"size":[{int(p.height)},{int(p.width)}],"counts":"'
+    # counts use the characters 48..111: of these only the backslash needs a JSON escape, so all
+    # strings are escaped in one pass (joined by a byte they never contain)
+    counts = b"\n".join(p.counts).decode("ascii").replace("\\", "\\\\").split("\n")
+    return [head + sc + size + c + '"}}' for sc, c in zip(_reprs(p.scores), counts)]
 
 
-def _records_bbox(p: ImageProposals) -> Iterable[str]:
+def _records_bbox(p: ImageProposals) -> list[str]:
     head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
-    for score, (x, y, w, h) in zip(p.scores.astype(np.float64).tolist(),
-                                   p.boxes.astype(np.float64).tolist()):
-        yield f'{head}{score!r},"bbox":[{x!r},{y!r},{w!r},{h!r}]}}'
+    scores = _reprs(p.scores)
+    b = p.boxes.astype(np.float64)
+    if _integral(b):  # tight boxes of masks: repr(float(n)) is str(n) + ".0", far cheaper
+        return [f'{head}{sc},"bbox":[{x}.0,{y}.0,{w}.0,{h}.0]}}'
+                for sc, (x, y, w, h) in zip(scores, b.astype(np.int64).tolist())]
+    r = _reprs(b)
+    return [f'{head}{sc},"bbox":[{r[4 * i]},{r[4 * i + 1]},{r[4 * i + 2]},{r[4 * i + 3]}]}}'
+            for i, sc in enumerate(scores)]
+
+
+def _integral(v: np.ndarray) -> bool:
+    """All values whole numbers that repr writes as "<int>.0" (no -0.0, below 1e16)."""
+    return bool(np.all(v == np.floor(v)) and np.all(np.abs(v) < 1e15)
+                and not np.any(np.signbit(v) & (v == 0)))
 
 
 def _join(records: Iterable[str]) -> bytes:
     # One result per line: still one JSON list, but diffable and greppable.
-    parts = ["["]
-    first = True
-    for r in records:
-        parts.append(r if first else ",\n" + r)
-        first = False
-    parts.append("]\n")
-    return "".join(parts).encode("ascii")
+    return ("[" + ",\n".join(records) + "]\n").encode("ascii")
 
 
 def _maybe_gzip(data: bytes, compress: bool) -> bytes:
