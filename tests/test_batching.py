@@ -77,3 +77,59 @@ def test_batch_size_follows_the_budget(models):
         assert len(plan_tiles(lv, model, gen.settings, cap)) == 1
     big = max(pyramid_levels(480, 640, gen.settings), key=lambda lv: lv.height)
     assert len(plan_tiles(big, model, gen.settings, 2 * cap + 2)) > 1
+
+
+class _Recording:
+    """A proposer that records the windows the worker hands it (sizes), then runs the real one."""
+
+    def __init__(self, real):
+        self.real, self.calls = real, []
+        self.name, self.weights_sha256, self.device = real.name, real.weights_sha256, real.device
+
+    def __call__(self, images, image_ids):
+        self.calls.append([im.nbytes for im in images])
+        return self.real(images, image_ids)
+
+
+def test_worker_hands_windows_bounded_by_the_budget(tmp_path, models):
+    from PIL import Image
+
+    from segdist.config import model_config
+    from segdist.data.records import ImageRecord
+    from segdist.job.worker import ChunkWorker, WorkerSettings, window_budget
+    import pyarrow.parquet as pq
+
+    from segdist.proposals.parquet import from_table, images_from_metadata
+
+    rng = np.random.default_rng(5)
+    records = []
+    for i, (h, w) in enumerate([(40, 56), (600, 800), (56, 40), (600, 800), (600, 800), (33, 61)]):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(10 + i, path.name, str(path), h, w))
+    cfg = model_config(name="deepmask", trunk="resnet18", proposals=5, device="cpu",
+                       memory_budget_mb=16, scales={"min": -4.0, "max": -3.5, "step": 0.5})
+    recording = []
+
+    def builder(c):
+        from segdist.proposers import build_proposer
+        recording.append(_Recording(build_proposer(c)))
+        return recording[-1]
+
+    worker = ChunkWorker(WorkerSettings(model=cfg, builder=builder, out_uri=str(tmp_path / "out"),
+                                        formats=("parquet",), decode_threads=2))
+    rec = worker.process_chunk(0, records)
+    assert rec.image_ids == [r.image_id for r in records]
+    calls = recording[0].calls
+    limit = window_budget(16)
+    assert len(calls) > 1 and sum(map(len, calls)) == len(records)
+    # every window holds less than the byte budget before its last image
+    assert all(sum(c[:-1]) < limit for c in calls)
+    # the chunk equals the proposer's output for each image alone (the window does not matter)
+    table = pq.read_table(tmp_path / "out" / "parquet" / "chunk-000000.parquet")
+    entries = images_from_metadata(table.schema.metadata, "chunk")
+    got = {p.image_id: p for p in from_table(table, entries)}
+    real = recording[0].real
+    for r in records:
+        alone = real([np.asarray(Image.open(r.uri).convert("RGB"))], [r.image_id])[0]
+        assert same(got[r.image_id], alone)

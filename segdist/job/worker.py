@@ -6,7 +6,9 @@ looked up in :data:`segdist.proposers.PROPOSERS` and shipped with the settings. 
 
 1. decodes the chunk's images in a thread pool, ahead of the model (bounded read-ahead, so a slow
    object store or a big JPEG does not leave the device waiting, and memory stays bounded);
-2. batches the decoded images (``model.batch_size``) and runs the proposer under a lock;
+2. hands the proposer windows of decoded images (up to :data:`WINDOW_IMAGES`, bounded in bytes by
+   :func:`window_budget`) under a lock; the proposer batches them by shape itself, sized by the
+   memory budget;
 3. writes the chunk's files itself (:func:`segdist.proposals.layout.write_chunk`, each file atomic);
 4. writes the chunk record last (:mod:`segdist.job.state`): the chunk's commit marker.
 
@@ -55,6 +57,16 @@ if TYPE_CHECKING:
 
 #: What :meth:`ChunkWorker.run_chunk` yields first: the chunk reached a live worker.
 STARTED = "started"
+
+# A window of decoded images handed to the proposer at once: at most this many, and at most
+# window_budget(memory_budget_mb) bytes of decoded pixels (the last image may pass it).
+WINDOW_IMAGES = 64
+
+
+def window_budget(memory_budget_mb: int) -> int:
+    """Bytes of decoded uint8 pixels a worker holds for one proposer call: a quarter of the
+    model's memory budget (at least one 640x480 image's worth)."""
+    return max(640 * 480 * 3, memory_budget_mb * 2 ** 20 // 4)
 
 
 @dataclass(frozen=True)
@@ -184,8 +196,10 @@ class ChunkWorker:
         failed: list[dict[str, Any]] = []
         batch_imgs: list[np.ndarray] = []
         batch_ids: list[int] = []
-        bs = s.model.batch_size
-        for rec, image, reason, w in self._decoded(records, ahead=max(2 * bs, s.decode_threads)):
+        held = 0
+        window_bytes = window_budget(s.model.memory_budget_mb)
+        ahead = max(2 * s.model.batch_size, s.decode_threads)
+        for rec, image, reason, w in self._decoded(records, ahead=ahead):
             waited += w
             if image is None:
                 failed.append({"image_id": rec.image_id, "file_name": rec.file_name,
@@ -193,11 +207,14 @@ class ChunkWorker:
                 continue
             batch_imgs.append(image)
             batch_ids.append(rec.image_id)
-            if len(batch_imgs) == bs:
+            held += image.nbytes
+            # The proposer gets a window of decoded images and forms its own batches by shape;
+            # the window is bounded by bytes (500 photos of 4000x3000 are never all decoded).
+            if held >= window_bytes or len(batch_imgs) >= WINDOW_IMAGES:
                 out, seconds = self._run_model(batch_imgs, batch_ids)
                 proposals.extend(out)
                 model_s += seconds
-                batch_imgs, batch_ids = [], []
+                batch_imgs, batch_ids, held = [], [], 0
         if batch_imgs:
             out, seconds = self._run_model(batch_imgs, batch_ids)
             proposals.extend(out)
