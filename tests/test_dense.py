@@ -17,7 +17,8 @@ from segdist.models.deepmask import DeepMask, DeepMaskConfig
 from segdist.models.sharpmask import SharpMask
 from segdist.proposers import build_proposer
 from segdist.proposers.dense.proposer import DenseProposer
-from segdist.proposers.dense.pyramid import MEAN, STD, Level, level_window, plan_tiles, pyramid_levels
+from segdist.proposers.dense.pyramid import (MEAN, STD, Level, plan_tiles, pyramid_images,
+                                             pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings, preset_scales
 from segdist.proposers.paste import paste_masks
 
@@ -186,22 +187,25 @@ def resampling_ex_loop(plane: np.ndarray, oh: int, ow: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("src,dst", [((37, 53), (52, 74)), ((37, 53), (13, 9)), ((9, 7), (1, 5)),
-                                     ((9, 7), (4, 1)), ((1, 7), (3, 11)), ((11, 13), (11, 13))])
-def test_level_window_is_spatial_resampling_ex(src, dst):
+@pytest.mark.parametrize("src,levels", [((37, 53), [(52, 74), (13, 9), (37, 53)]),
+                                        ((9, 7), [(1, 5), (4, 1), (1, 1), (17, 13)]),
+                                        ((1, 7), [(3, 11)])])
+def test_pyramid_images_are_spatial_resampling_ex(src, levels):
     # The original's pyramid (InferDeepMask.lua: nn.SpatialReSamplingEx{mode='bilinear'}), on odd
-    # sizes, shrinking and enlarging, output sides of 1: exactly, then padded and normalised.
-    rng = np.random.default_rng(sum(src + dst))
-    img = torch.from_numpy(rng.integers(0, 255, (1, 3, *src), dtype=np.uint8))
-    unit = img.numpy()[0].astype(np.float32) * np.float32(1 / 255)    # image.load's [0, 1]
-    ref = np.stack([resampling_ex_loop(unit[c], *dst) for c in range(3)])[None]
-    ref = F.pad(torch.from_numpy(ref), (80, 80, 80, 80), value=0.5)
-    ref = (ref - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-    level = Level(0, 1.0, dst[0], dst[1], src[0] / dst[0], src[1] / dst[1])
-    whole = level_window(img, level, 80, 0, dst[0] + 160, 0, dst[1] + 160)
-    assert torch.equal(whole, ref)
-    part = level_window(img, level, 80, 64, 96 + dst[0] // 2, 48, 81 + dst[1])
-    assert torch.equal(part, ref[..., 64:96 + dst[0] // 2, 48:81 + dst[1]])
+    # sizes, shrinking, enlarging and equal, output sides of 1, several levels made together:
+    # exactly the C loop's float32 values, then padded and normalised.
+    rng = np.random.default_rng(sum(src))
+    imgs = torch.from_numpy(rng.integers(0, 255, (2, 3, *src), dtype=np.uint8))
+    lvs = [Level(i, 1.0, h, w, src[0] / h, src[1] / w) for i, (h, w) in enumerate(levels)]
+    got = pyramid_images(imgs, lvs, 80)
+    for lv, x in zip(lvs, got):
+        for b in range(2):
+            unit = imgs[b].numpy().astype(np.float32) * np.float32(1 / 255)  # image.load's [0, 1]
+            ref = np.stack([resampling_ex_loop(unit[c], lv.height, lv.width) for c in range(3)])
+            ref = F.pad(torch.from_numpy(ref)[None], (80, 80, 80, 80), value=0.5)
+            ref = (ref - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+            assert x.shape == (2, 3, lv.height + 160, lv.width + 160)
+            assert torch.equal(x[b:b + 1], ref), (lv, b)
 
 
 def test_paste_masks_equals_resize_then_paste():

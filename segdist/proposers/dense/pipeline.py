@@ -40,8 +40,8 @@ from segdist.device import autocast
 from segdist.proposals.rle import encode_masks
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.dense.pool import Candidates
-from segdist.proposers.dense.pyramid import (STRIDE, Level, level_image, normalisation,
-                                             plan_tiles, pyramid_levels, to_unit)
+from segdist.proposers.dense.pyramid import (STRIDE, Level, plan_tiles, pyramid_images,
+                                             pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings
 from segdist.proposers.paste import paste_into
 
@@ -98,13 +98,13 @@ def run_levels(model, images: torch.Tensor, settings: InferenceSettings) -> list
     layout = _extras_layout(model)
     out = []
     with torch.inference_mode(), autocast(images.device, settings.precision):
-        unit = to_unit(images)                                           # [0, 1], once per batch
-        norm = normalisation(images.device)
-        for level in pyramid_levels(height, width, settings):
+        levels = pyramid_levels(height, width, settings)
+        inputs = pyramid_images(images, levels, pad)
+        for level in levels:
+            x = inputs.pop(0)  # each level image is dropped once its level has run
             hp, wp = level.height + 2 * pad, level.width + 2 * pad
             gh, gw = math.ceil(hp / STRIDE), math.ceil(wp / STRIDE)  # stride-16 grid
             eh, ew = gh - f + 1, gw - f + 1
-            x = level_image(unit, level, pad, norm)
             if settings.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             tiles = plan_tiles(level, model, settings, b)

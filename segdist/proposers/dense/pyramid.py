@@ -94,58 +94,88 @@ def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return ms[0].view(1, 3, 1, 1), ms[1].view(1, 3, 1, 1)
 
 
-def level_window(images: torch.Tensor, level: Level, pad: int,
-                 y0: int, y1: int, x0: int, x1: int,
-                 norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Rows [y0, y1) x cols [x0, x1) of the padded, normalised level image.
+def pyramid_images(images: torch.Tensor, levels: list[Level], pad: int,
+                   norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The padded, normalised images of all ``levels`` of a batch, made together.
 
-    The level image is the original's: the image in [0, 1] (uint8 times float32(1/255), as
+    Each level image is the original's: the image in [0, 1] (uint8 times float32(1/255), as
     Torch7's image.load) resampled by SpatialReSamplingEx bilinear (see :func:`_axis_table`; the
     four neighbours weighted by products of the axis weights and summed in the C code's order,
     float32), padded by ``pad`` px of 0.5 and normalised per channel, (v - mean) / std.
 
+    All levels go through one set of ops (a fixed number per batch, plus one copy per level into
+    its own contiguous tensor): the rows of every level are gathered at once, then each row's
+    columns with its level's column table; the results are scattered into one channel-major
+    buffer pre-filled with the normalised padding. Working memory ~50 bytes per level pixel and
+    image (a fraction of the trunk's).
+
     Args:
-        images: uint8 [B, 3, H, W] RGB (original resolution), on the compute device, or the
-            same already in [0, 1] (:func:`to_unit`, to convert once for all levels).
-        level: the pyramid level; the padded level image is (height + 2 pad) x (width + 2 pad).
+        images: uint8 [B, 3, H, W] RGB (original resolution), on the compute device, or the same
+            already in [0, 1] (:func:`to_unit`).
+        levels: the levels to make (any sizes).
         pad: padding in level pixels (i_sz / 2), filled with 0.5 before normalisation.
         norm: :func:`normalisation` of the device (made here when None).
     Returns:
-        float32 [B, 3, y1 - y0, x1 - x0], ImageNet-normalised. Equal to slicing the whole padded
-        level image: only the source pixels the window needs are read.
+        per level, float32 [B, 3, height + 2 pad, width + 2 pad], ImageNet-normalised.
     """
+    if not levels:
+        return []
     b, _, h, w = images.shape
     dev = images.device
     mean, std = norm if norm is not None else normalisation(dev)
-    out = ((PAD_VALUE - mean) / std).expand(b, 3, y1 - y0, x1 - x0).clone()
-    ly0, ly1 = max(y0 - pad, 0), min(y1 - pad, level.height)
-    lx0, lx1 = max(x0 - pad, 0), min(x1 - pad, level.width)
-    if ly0 >= ly1 or lx0 >= lx1:
-        return out
-    ry0, ry1, wy0, wy1 = _axis_table(h, level.height, ly0, ly1)
-    cx0, cx1, wx0, wx1 = _axis_table(w, level.width, lx0, lx1)
-    # Two host-to-device copies: the window's neighbour indices and its weights.
-    ny, nx = ly1 - ly0, lx1 - lx0
-    index = torch.from_numpy(np.concatenate([ry0, ry1, cx0, cx1])).to(dev)
-    weight = torch.from_numpy(np.concatenate([wy0, wy1, wx0, wx1])).to(dev)
-    ry0_t, ry1_t = index[:2 * ny].view(2, ny, 1).unbind(0)
-    cx0_t, cx1_t = index[2 * ny:].view(2, 1, nx).unbind(0)
-    wy0_t, wy1_t = weight[:2 * ny].view(2, ny, 1).unbind(0)
-    wx0_t, wx1_t = weight[2 * ny:].view(2, 1, nx).unbind(0)
     src = images if images.is_floating_point() else to_unit(images)    # B x 3 x H x W, [0, 1]
-    nw, ne = src[:, :, ry0_t, cx0_t] * (wx0_t * wy0_t), src[:, :, ry0_t, cx1_t] * (wx1_t * wy0_t)
-    sw, se = src[:, :, ry1_t, cx0_t] * (wx0_t * wy1_t), src[:, :, ry1_t, cx1_t] * (wx1_t * wy1_t)
-    vals = nw + ne + sw + se                                           # the C code's order
-    out[:, :, ly0 + pad - y0:ly1 + pad - y0, lx0 + pad - x0:lx1 + pad - x0] = (vals - mean) / std
+    # Host tables (numpy, float32 arithmetic as the C code): rows of all levels one after the
+    # other; per level its column table, padded to the widest level.
+    n_lv, wmax = len(levels), max(lv.width for lv in levels)
+    rows = [_axis_table(h, lv.height, 0, lv.height) for lv in levels]
+    cols = [_axis_table(w, lv.width, 0, lv.width) for lv in levels]
+    ctab_i = np.zeros((2, n_lv, wmax), np.int64)
+    ctab_w = np.zeros((2, n_lv, wmax), np.float32)
+    for li, (c0, c1, w0, w1) in enumerate(cols):
+        ctab_i[:, li, :len(c0)] = c0, c1
+        ctab_w[:, li, :len(c0)] = w0, w1
+    sizes = [(lv.height + 2 * pad) * (lv.width + 2 * pad) for lv in levels]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]) * b           # level blocks [B, hp, wp]
+    total = int(sum(sizes)) * b
+    level_of_row = np.repeat(np.arange(n_lv), [lv.height for lv in levels])
+    y = np.concatenate([np.arange(lv.height) for lv in levels])
+    wp = np.asarray([lv.width + 2 * pad for lv in levels])[level_of_row]
+    row_base = offsets[level_of_row] + (pad + y) * wp + pad              # pixel (b=0, y, x=0)
+    image_stride = np.asarray(sizes)[level_of_row]
+    width = np.asarray([lv.width for lv in levels])[level_of_row]
+    n_rows = len(y)
+    ints = np.concatenate([np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows]),
+                           level_of_row, row_base, image_stride, width, ctab_i.reshape(-1)])
+    floats = np.concatenate([np.concatenate([r[2] for r in rows]),
+                             np.concatenate([r[3] for r in rows]), ctab_w.reshape(-1)])
+    ints_t = torch.from_numpy(ints).to(dev)                              # two uploads
+    floats_t = torch.from_numpy(floats).to(dev)
+    r0, r1, lvl, base, stride, wid = ints_t[:6 * n_rows].view(6, n_rows).unbind(0)
+    c0_tab, c1_tab = ints_t[6 * n_rows:].view(2, n_lv, wmax).unbind(0)
+    wy0, wy1 = floats_t[:2 * n_rows].view(2, n_rows, 1).unbind(0)
+    wx0_tab, wx1_tab = floats_t[2 * n_rows:].view(2, n_lv, wmax).unbind(0)
+    c0, c1, wx0, wx1 = c0_tab[lvl], c1_tab[lvl], wx0_tab[lvl], wx1_tab[lvl]  # rows x wmax
+    top, bottom = src[:, :, r0], src[:, :, r1]                           # B x 3 x rows x W
+    shape = (b, 3, n_rows, wmax)
+    vals = top.gather(3, c0.expand(shape)) * (wx0 * wy0)                 # nw, then ne, sw, se:
+    vals = vals + top.gather(3, c1.expand(shape)) * (wx1 * wy0)          # the C code's order
+    del top
+    vals = vals + bottom.gather(3, c0.expand(shape)) * (wx0 * wy1)
+    vals = vals + bottom.gather(3, c1.expand(shape)) * (wx1 * wy1)
+    del bottom
+    vals = (vals - mean) / std
+    # Scatter into one channel-major buffer [3, B * sum(hp * wp) + 1] pre-filled with the
+    # normalised padding; columns past a level's width go to the last (scratch) element.
+    j = torch.arange(wmax, device=dev)
+    dest = base[:, None] + j + torch.arange(b, device=dev)[:, None, None] * stride[:, None]
+    dest = torch.where(j < wid[:, None], dest, total)                    # B x rows x wmax
+    buf = ((PAD_VALUE - mean) / std).view(3, 1).expand(3, total + 1).contiguous()
+    buf.scatter_(1, dest.view(1, -1).expand(3, -1), vals.transpose(0, 1).reshape(3, -1))
+    out = []
+    for lv, off, size in zip(levels, offsets.tolist(), sizes):
+        block = buf[:, off:off + b * size].view(3, b, lv.height + 2 * pad, lv.width + 2 * pad)
+        out.append(block.transpose(0, 1).contiguous())                   # B x 3 x hp x wp
     return out
-
-
-def level_image(images: torch.Tensor, level: Level, pad: int,
-                norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """The whole padded, normalised level image: float32 [B, 3, height + 2 pad, width + 2 pad]
-    (see :func:`level_window`; ``images`` uint8, or float32 in [0, 1])."""
-    return level_window(images, level, pad, 0, level.height + 2 * pad, 0, level.width + 2 * pad,
-                        norm)
 
 
 # -------------------------------------------------------------------------------------------------
