@@ -72,9 +72,6 @@ class BoxModel(nn.Module):
     def score_map(self, emb):
         return emb[:, 0]
 
-    def window_extras(self, extras, idx):
-        return []
-
     def window_masks(self, vecs, extras):
         return self.pattern.expand(len(vecs), -1, -1).clone()
 

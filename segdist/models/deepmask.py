@@ -200,10 +200,6 @@ class DeepMask(nn.Module):
         maps: none for DeepMask)."""
         return self.features(x), []
 
-    def window_extras(self, extras: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
-        """Per-window slices of the extras maps for cells idx [K, 3]: none for DeepMask."""
-        return []
-
     def window_masks(self, vecs: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Embedding vectors [K, fc_dim] (+ window extras) -> mask logits [K, o_sz, o_sz]."""
         return self.mask_logits(vecs)

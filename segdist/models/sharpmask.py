@@ -148,10 +148,6 @@ class SharpMask(nn.Module):
         emb, feats = self.deepmask.trunk.dense(x)
         return emb, self.hmaps(feats)
 
-    def window_extras(self, extras: list[torch.Tensor], idx: torch.Tensor) -> list[torch.Tensor]:
-        """The horizontal-net windows of cells idx [K, 3] (see :meth:`windows`)."""
-        return self.windows(extras, idx)
-
     def window_masks(self, vecs: torch.Tensor, extras: list[torch.Tensor]) -> torch.Tensor:
         """Embedding vectors [K, fc_dim] + horizontal windows -> mask logits [K, i_sz, i_sz]."""
         return self.refine(vecs, extras)
