@@ -175,9 +175,11 @@ def finish(model, batches: Sequence[Batch], settings: InferenceSettings, name: s
                 ext_offset[i] += buf.shape[0]
             extras_bufs.append(bufs)
             parts.append(cand)
-        bufs = [torch.cat([b[i] for b in extras_bufs]) for i in range(len(ext_offset))]
+        # batches without candidates (images too small for any level) add nothing
+        bufs = [torch.cat([b[i] for b in extras_bufs if len(b[i])] or [extras_bufs[0][i]])
+                for i in range(len(ext_offset))]
         del extras_bufs
-        cand = Candidates.cat(parts)
+        cand = Candidates.cat([p for p in parts if len(p)] or parts[:1])
         del parts
         counts = [o[4] for o in order]
         if settings.nms:
