@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presets", default="all",
                    help=f"comma-separated presets or 'all' ({', '.join(PROPOSERS)})")
     p.add_argument("--images", type=int, default=8, help="timed images of --size per preset")
-    p.add_argument("--size", default="640x480", help="WxH of the COCO-like images")
+    p.add_argument("--size", default="640x480",
+                   help="WxH of the COCO-like images, or 'mix' for the profile's size mix")
     p.add_argument("--big", default="4000x3000", help="WxH of the large image ('none' to skip)")
     p.add_argument("--big-max-side", type=int, default=None,
                    help="max_image_side for the large image (default: full resolution)")
@@ -54,11 +55,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="count ops, syncs, FLOPs and host CPU per image over a COCO-like size mix "
                         "(the GPU path, measured on any device; see docs/benchmarks.md)")
     p.add_argument("--window", type=int, default=None,
-                   help="--profile: images per proposer call (default: all --images at once)")
+                   help="images per proposer call (default: --profile all --images at once, "
+                        "else --batch-size)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one measurement
 
 
-def _size(text: str) -> tuple[int, int]:
+def _size(text: str) -> tuple[int, int] | str:
+    if text.lower() == "mix":
+        return "mix"
     try:
         w, h = (int(v) for v in text.lower().split("x"))
     except ValueError:
@@ -106,8 +110,13 @@ def _measure(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     cfg = model_config(**spec["model"])
     gen = build_proposer(cfg)
-    w, h = spec["size"]
-    imgs = _images(1, 320, 240, seed=0) + _images(spec["n"], w, h, seed=1)
+    if spec["size"] == "mix":  # the profile's COCO-like size mix
+        from segdist.commands.bench_profile import size_mix
+        imgs = _images(1, 320, 240, seed=0) + [_images(1, w, h, seed=100 + i)[0]
+                                               for i, (w, h) in enumerate(size_mix(spec["n"]))]
+    else:
+        w, h = spec["size"]
+        imgs = _images(1, 320, 240, seed=0) + _images(spec["n"], w, h, seed=1)
     cuda = gen.device.startswith("cuda")
     gen(imgs[:1], [0])  # warm-up on a small image (allocator, kernels, lazy imports), not timed
     if cuda:
@@ -117,8 +126,10 @@ def _measure(spec: dict) -> dict:
     t0 = time.perf_counter()
     n_props = 0
     bs = cfg.batch_size
-    for s in range(1, len(imgs), bs):
-        out = gen(imgs[s:s + bs], list(range(s, s + len(imgs[s:s + bs]))))
+    # as a worker calls it: windows of images (the proposer batches them itself)
+    window = max(bs, spec.get("window") or bs)
+    for s in range(1, len(imgs), window):
+        out = gen(imgs[s:s + window], list(range(s, s + len(imgs[s:s + window]))))
         n_props += sum(len(p) for p in out)
     if cuda:
         torch.cuda.synchronize()
@@ -188,8 +199,10 @@ def run(args: argparse.Namespace) -> int:
                                ("max_image_side", max_side)):
                 if key in family:
                     model[key] = value
-            res = _spawn({"model": model, "size": size, "n": n, "threads": args.threads})
-            res.update(preset=preset, workload=f"{size[0]}x{size[1]}"
+            res = _spawn({"model": model, "size": size, "n": n, "threads": args.threads,
+                          "window": args.window})
+            name = "size mix" if size == "mix" else f"{size[0]}x{size[1]}"
+            res.update(preset=preset, workload=name
                        + (f" (max side {max_side})" if max_side else ""), images=n)
             rows.append(res)
             _print_row(res)
