@@ -51,8 +51,8 @@ class LevelMaps:
     """One level of a batch of same-size images, whole (tiles assembled).
 
     scores: float32 [B, eh, ew] score logits per embedding cell. emb: [B, fc_dim, eh, ew].
-    extras: per extras map [B, C, R, W] with R = ceil(hp / 16) * step rows (and likewise columns),
-    zero beyond the network's map, so that every cell's window lies inside.
+    extras: per extras map [B, C, h, w], at most ceil(hp / 16) * step rows (and likewise columns):
+    every cell's window lies inside that extent, zero beyond the map.
     """
 
     level: Level
@@ -111,8 +111,7 @@ def run_levels(model, images: torch.Tensor, settings: InferenceSettings) -> list
             if len(tiles) == 1:
                 emb, extras = model.dense(x)
                 scores = model.score_map(emb).float()
-                extras = [_pad_to(e, gh * step, gw * step) for e, (step, _) in zip(extras, layout)]
-                out.append(LevelMaps(level, scores, emb, extras))
+                out.append(LevelMaps(level, scores, emb, list(extras)))
                 continue
             # Tiled: assemble whole-level maps from each tile's own cells (halos make them exact).
             scores = emb = None
@@ -139,11 +138,6 @@ def run_levels(model, images: torch.Tensor, settings: InferenceSettings) -> list
                     full[:, :, r0:r1, c0:c1] = m[:, :, r0 - oy:r1 - oy, c0 - ox:c1 - ox]
             out.append(LevelMaps(level, scores, emb, extras_full))
     return out
-
-
-def _pad_to(m: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad (or crop) map [B, C, h, w] to [B, C, rows, cols]."""
-    return torch.nn.functional.pad(m, (0, cols - m.shape[3], 0, rows - m.shape[2]))
 
 
 def finish(model, batches: Sequence[Batch], settings: InferenceSettings, name: str,
@@ -227,7 +221,7 @@ def _select(model, batch: Batch, settings: InferenceSettings, ext_offset: list[i
                            empty.double(), empty.double(), z, z, z.view(0, len(layout)),
                            z.view(0, len(layout))),
                 [torch.zeros(0, 1, device=dev) for _ in layout])
-    i_sz, pad = model.cfg.i_sz, model.cfg.i_sz // 2
+    i_sz, pad, f = model.cfg.i_sz, model.cfg.i_sz // 2, model.cfg.f_sz
     # Flat cell index over all levels, level-major then row, col: a stable descending sort ranks
     # ties by (level, row, col), as the original's (and every batch's) order.
     scores = torch.cat([lm.scores.reshape(b, -1) for lm in levels], 1)         # B x cells
@@ -242,11 +236,14 @@ def _select(model, batch: Batch, settings: InferenceSettings, ext_offset: list[i
     offs = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     table = [offs, [lm.scores.shape[2] for lm in levels],
              [lm.level.ry for lm in levels], [lm.level.rx for lm in levels]]
-    ext_sizes = [[int(lm.extras[i].shape[2] * lm.extras[i].shape[3]) for lm in levels]
-                 for i in range(len(layout))]
+    # extras maps laid out in a flat buffer per map, each level's zero-padded to its full window
+    # extent (ceil(hp / 16) * step rows and likewise columns)
+    grid = [(lm.scores.shape[1] + f - 1, lm.scores.shape[2] + f - 1) for lm in levels]
+    ext_dims = [[(gh * step, gw * step) for gh, gw in grid] for step, _ in layout]
+    ext_sizes = [[r * c for r, c in dims] for dims in ext_dims]
     for i in range(len(layout)):
         table.append(np.concatenate([[0], np.cumsum(ext_sizes[i])[:-1]]))
-        table.append([lm.extras[i].shape[3] for lm in levels])
+        table.append([c for _, c in ext_dims[i]])
     consts = torch.tensor(np.asarray(table, dtype=np.float64).T, device=dev)   # L x columns
     flat = order.reshape(-1)
     lvl = torch.searchsorted(consts[:, 0].long().contiguous(), flat, right=True) - 1  # B*n
@@ -265,8 +262,12 @@ def _select(model, batch: Batch, settings: InferenceSettings, ext_offset: list[i
         bases.append(ext_offset[i] + img * per_image + base_lvl + row * step * stride + col * step)
         strides.append(stride)
         chans = levels[0].extras[i].shape[1]
-        bufs.append(torch.cat([lm.extras[i].permute(0, 2, 3, 1).reshape(b, -1, chans)
-                               for lm in levels], 1).reshape(-1, chans).float())
+        buf = torch.zeros(b, per_image, chans, device=dev)                  # channels last
+        for lm, off, (nr, nc) in zip(levels, table[4 + 2 * i], ext_dims[i]):
+            m = lm.extras[i]
+            buf[:, int(off):int(off) + nr * nc].view(b, nr, nc, chans)[:, :m.shape[2], :m.shape[3]] \
+                = m.permute(0, 2, 3, 1)
+        bufs.append(buf.reshape(-1, chans))
     slot = img + pos0
     cand = Candidates(
         slot=slot, logits=logits, vecs=vecs, tops=tops, lefts=lefts,
