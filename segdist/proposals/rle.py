@@ -17,13 +17,16 @@ Python loop runs per run or per pixel. Masks of several sizes can share one canv
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from segdist.device import gpu_path
 from segdist.profiling import host_stage
 
-__all__ = ["encode", "encode_with_boxes", "encode_masks", "encode_boxes", "decode"]
+__all__ = ["encode", "encode_with_boxes", "encode_masks", "encode_boxes", "decode", "SlabEncoder",
+           "encode_on_device", "codes_to_host"]
 
 
 def _as_bool_masks(masks: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -156,6 +159,58 @@ def _characters(diff: torch.Tensor, nruns: torch.Tensor) -> tuple[torch.Tensor, 
     return out, per_mask
 
 
+@dataclass(frozen=True)
+class DeviceCodes:
+    """A slab's encoding, still on the device: ``data`` uint8 = the int64 numbers (string lengths
+    [n], boxes [n, 4] xywh, areas [n]) as bytes, then the characters (``chars`` bytes, of which
+    the first sum(lengths) are the strings back to back). ``n`` masks."""
+
+    data: torch.Tensor
+    n: int
+    chars: int
+
+
+def encode_on_device(masks: torch.Tensor, heights: torch.Tensor | None = None,
+                     widths: torch.Tensor | None = None) -> DeviceCodes:
+    """The encoding of a slab of masks, computed on their device and left there (one ``nonzero``:
+    the only host sync); :func:`codes_to_host` brings any number of slabs over in one copy.
+    Arguments as :func:`encode_with_boxes` (masks bool [N, H, W], N >= 1)."""
+    if (heights is None) != (widths is None):
+        raise ValueError("give both heights and widths, or neither")
+    n = masks.shape[0]
+    diff, nruns, boxes, areas = _runs_on_device(masks, heights, widths)
+    chars, per_mask = _characters(diff, nruns)
+    numbers = torch.cat([per_mask, boxes.reshape(-1), areas])
+    return DeviceCodes(torch.cat([numbers.view(torch.uint8), chars]), n, chars.numel())
+
+
+def codes_to_host(parts: list[DeviceCodes], extra: torch.Tensor | None = None
+                  ) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Counts, boxes (float32 [N, 4]) and areas (int64 [N]) of slabs encoded on the device, with
+    one device-to-host copy for all of them (and of ``extra``, any uint8 tensor on the same
+    device, returned as a uint8 array: e.g. scores to bring along)."""
+    tensors = [p.data for p in parts] + ([extra] if extra is not None else [])
+    if not tensors:
+        return [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64), None
+    host = torch.cat(tensors).cpu().numpy() if len(tensors) > 1 else tensors[0].cpu().numpy()
+    counts: list[bytes] = []
+    boxes, areas = [], []
+    with host_stage("rle_host"):
+        at = 0
+        for p in parts:
+            nums = host[at:at + 48 * p.n].view(np.int64)
+            flat = host[at + 48 * p.n:at + 48 * p.n + p.chars].tobytes()
+            ends = np.cumsum(nums[:p.n]).tolist()
+            counts.extend(flat[a:b] for a, b in zip([0] + ends[:-1], ends))
+            boxes.append(nums[p.n:5 * p.n].reshape(p.n, 4).astype(np.float32))
+            areas.append(nums[5 * p.n:].copy())
+            at += 48 * p.n + p.chars
+    rest = host[at:] if extra is not None else None
+    if not parts:
+        return [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64), rest
+    return counts, np.concatenate(boxes), np.concatenate(areas), rest
+
+
 def encode_with_boxes(masks: torch.Tensor | np.ndarray, *, heights: torch.Tensor | None = None,
                       widths: torch.Tensor | None = None
                       ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
@@ -163,8 +218,7 @@ def encode_with_boxes(masks: torch.Tensor | np.ndarray, *, heights: torch.Tensor
 
     Args:
         masks: bool or integer tensor (or numpy array) ``[N, H, W]`` on any device; a pixel is
-            foreground when nonzero. Row-major as images are (``masks[i, y, x]``). A transposed
-            canvas (``canvas_t.transpose(1, 2)`` of a contiguous ``[N, W, H]``) is read in place.
+            foreground when nonzero. Row-major as images are (``masks[i, y, x]``); any strides.
         heights, widths: optional int64[N] on the masks' device: mask i is the top-left
             ``heights[i] x widths[i]`` block (masks of several image sizes in one canvas; pixels
             outside their block must be 0). None: every mask is H x W.
@@ -181,24 +235,46 @@ def encode_with_boxes(masks: torch.Tensor | np.ndarray, *, heights: torch.Tensor
     by a memory budget.
     """
     masks = _as_bool_masks(masks)
-    n = masks.shape[0]
-    if n == 0:
+    if masks.shape[0] == 0:
         return [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
-    if (heights is None) != (widths is None):
-        raise ValueError("give both heights and widths, or neither")
-    diff, nruns, boxes, areas = _runs_on_device(masks, heights, widths)
-    chars, per_mask = _characters(diff, nruns)
-    # One copy: the lengths, boxes and areas (int64) and the characters, as bytes.
-    numbers = torch.cat([per_mask, boxes.reshape(-1), areas])
-    host = torch.cat([numbers.view(torch.uint8), chars]).cpu().numpy()
-    with host_stage("rle_host"):
-        nums = host[:numbers.numel() * 8].view(np.int64)
-        lengths, areas_h = nums[:n], nums[5 * n:].copy()
-        boxes_h = nums[n:5 * n].reshape(n, 4).astype(np.float32)
-        flat = host[numbers.numel() * 8:].tobytes()
-        ends = np.cumsum(lengths).tolist()
-        counts = [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
-    return counts, boxes_h, areas_h
+    counts, boxes, areas, _ = codes_to_host([encode_on_device(masks, heights, widths)])
+    return counts, boxes, areas
+
+
+class SlabEncoder:
+    """Encodes a sequence of mask slabs with the fastest exact backend for their device.
+
+    On the GPU path each slab is encoded on the device (:func:`encode_on_device`: one sync) and
+    kept there; :meth:`finish` copies all slabs (and an ``extra`` tensor) to the host at once. On
+    the CPU each slab goes to pycocotools' C encoder as it comes (:func:`encode_masks`).
+    """
+
+    def __init__(self, device: torch.device):
+        self.gpu = gpu_path(device)
+        self._device_parts: list[DeviceCodes] = []
+        self._host_parts: list[tuple[list[bytes], np.ndarray, np.ndarray]] = []
+
+    def add(self, masks: torch.Tensor, heights: torch.Tensor | None = None,
+            widths: torch.Tensor | None = None) -> None:
+        """Encode one slab (bool [N, H, W]; heights/widths as :func:`encode_with_boxes`)."""
+        if masks.shape[0] == 0:
+            return
+        if self.gpu:
+            self._device_parts.append(encode_on_device(masks, heights, widths))
+        else:
+            self._host_parts.append(encode_masks(masks, heights=heights, widths=widths))
+
+    def finish(self, extra: torch.Tensor | None = None
+               ) -> tuple[list[bytes], np.ndarray, np.ndarray, np.ndarray | None]:
+        """(counts, boxes, areas, extra as uint8 numpy or None) of all slabs, in order."""
+        if self.gpu:
+            return codes_to_host(self._device_parts, extra)
+        rest = None if extra is None else extra.cpu().numpy()
+        if not self._host_parts:
+            return [], np.zeros((0, 4), np.float32), np.zeros(0, np.int64), rest
+        return ([c for part in self._host_parts for c in part[0]],
+                np.concatenate([p[1] for p in self._host_parts]),
+                np.concatenate([p[2] for p in self._host_parts]), rest)
 
 
 def _encode_with_pycocotools(masks: torch.Tensor) -> tuple[list[bytes], np.ndarray, np.ndarray]:

@@ -1,12 +1,13 @@
 """Paste-back: per-window mask values into the image frame, binarised (shared by every proposer
 that predicts masks on a small grid: DeepMask/SharpMask windows, Mask R-CNN's 28 x 28 boxes).
 
-:func:`paste_masks` is the one op: K grids of o x o values, each covering a window of the image
+:func:`paste_batch` is the one op: K grids of o x o values, each covering a window of its image
 (top-left and size in image pixels, fractional), resized bilinearly (align_corners=False: pixel
-(y, x) of the image takes the value sampled at its centre (y + .5, x + .5)) and thresholded, written
-into a bool canvas. Only each window's span of the canvas is computed, as two small matrix products
-per mask (rows, then columns), so the cost is K x window size, not K x image size.
-:func:`paste_in_boxes` is torchvision's Mask R-CNN geometry expressed through it.
+(y, x) of the image takes the value sampled at its centre (y + .5, x + .5)) and thresholded, on one
+canvas for masks of any images. Every canvas pixel is computed, as two small matrix products per
+mask (rows, then columns): the shapes do not depend on the windows, so a slab needs no host sync.
+:func:`paste_masks` is the one-image form; :func:`paste_geometry` / :func:`paste_in_boxes` are
+torchvision's Mask R-CNN geometry expressed through it.
 """
 
 from __future__ import annotations
@@ -37,48 +38,39 @@ def _axis_matrix(starts: torch.Tensor, origin: torch.Tensor, extent: torch.Tenso
     return m, valid
 
 
-def paste_into(canvas_t: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor,
-               tops: torch.Tensor, lefts: torch.Tensor, win_h: torch.Tensor, win_w: torch.Tensor,
-               heights: torch.Tensor, widths: torch.Tensor, span: tuple[int, int],
-               thr_logit: float) -> None:
-    """Paste K binarised masks into a transposed canvas, in place (the batched form).
+def paste_batch(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
+                win_h: torch.Tensor, win_w: torch.Tensor, heights: torch.Tensor,
+                widths: torch.Tensor, height: int, width: int, thr_logit: float) -> torch.Tensor:
+    """Binarised masks of K windows of any images, on one canvas (the batched form).
 
     Args:
-        canvas_t: zeroed bool [N, W_max, H_max], column-major masks (``canvas_t[i, x, y]``), as
-            :func:`segdist.proposals.rle.encode_with_boxes` reads ``canvas_t.transpose(1, 2)``.
-        slots: int64 [K] canvas slot of each mask.
-        logits: float32 [K, o, o] per-window values (row-major, rows = y).
+        logits: float32 [K, o, o] per-window values (row-major, rows = y; logits, or Mask R-CNN's
+            probabilities).
         tops, lefts, win_h, win_w: float64 [K], window top-left and size in image pixels.
-        heights, widths: int64 [K], each mask's image size (<= H_max, W_max); nothing is written
-            outside a mask's own image.
-        span: (ny, nx), host-known bounds of every window's pixel span: at least
-            min(ceil(win) + 1, image side) and at most (H_max, W_max). Any value in that range
-            gives the same masks.
+        heights, widths: int64 [K], each mask's image size (<= height, width): pixels outside a
+            mask's own image are off.
+        height, width: the canvas (the largest image of the slab).
         thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
+    Returns:
+        bool [K, height, width]: mask k in the top-left heights[k] x widths[k] block.
+
+    Every pixel of the canvas is computed (two small matrix products per mask), so the ops and
+    their shapes do not depend on where the windows are: no host sync, and a pixel's value is the
+    same whatever else shares the slab.
     """
-    k, o = logits.shape[0], logits.shape[-1]
-    if k == 0:
-        return
+    o = logits.shape[-1]
     dev = logits.device
-    ny, nx = span
-    # first pixel whose centre is inside the window, shifted so the span stays in the canvas:
-    # every written index is then in range and unique per mask (no clamping, no collisions)
-    sy = torch.minimum(torch.ceil(tops - 0.5).long().clamp(min=0), (heights - ny).clamp(min=0))
-    sx = torch.minimum(torch.ceil(lefts - 0.5).long().clamp(min=0), (widths - nx).clamp(min=0))
-    my, vy = _axis_matrix(sy, tops, win_h, ny, heights, o)
-    mx, vx = _axis_matrix(sx, lefts, win_w, nx, widths, o)
-    vals = my @ logits.float() @ mx.transpose(1, 2)                   # K x ny x nx
-    on = (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
-    del vals
-    rows = (sy[:, None] + torch.arange(ny, device=dev))[:, None, :]   # K x 1 x ny
-    cols = (sx[:, None] + torch.arange(nx, device=dev))[:, :, None]   # K x nx x 1
-    canvas_t.index_put_((slots[:, None, None], cols, rows), on.transpose(1, 2))
+    zero = torch.zeros(len(logits), dtype=torch.int64, device=dev)
+    my, vy = _axis_matrix(zero, tops, win_h, height, heights, o)
+    mx, vx = _axis_matrix(zero, lefts, win_w, width, widths, o)
+    vals = my @ logits.float() @ mx.transpose(1, 2)                   # K x height x width
+    return (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
 
 
 def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
                 win_h: float | torch.Tensor, win_w: float | torch.Tensor, height: int, width: int,
                 thr_logit: float) -> torch.Tensor:
-    """Binarised masks in the image frame (one image size; see :func:`paste_into`).
+    """Binarised masks in the frame of one image (see :func:`paste_batch`).
 
     Args:
         logits: float32 [K, o, o] per-window values (logits; Mask R-CNN passes probabilities),
@@ -88,21 +80,16 @@ def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
         height, width: image size.
         thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
     Returns:
-        bool [K, height, width], a transposed view of a column-major canvas (what the RLE reads).
+        bool [K, height, width].
     """
     k = logits.shape[0]
     dev = logits.device
-    canvas_t = torch.zeros(k, width, height, dtype=torch.bool, device=dev)
-    if k == 0:
-        return canvas_t.transpose(1, 2)
     win_h = torch.as_tensor(win_h, dtype=torch.float64, device=dev).expand(k)
     win_w = torch.as_tensor(win_w, dtype=torch.float64, device=dev).expand(k)
-    span = (min(math.ceil(float(win_h.max())) + 1, height), min(math.ceil(float(win_w.max())) + 1, width))
-    full = torch.full((k,), height, dtype=torch.int64, device=dev), \
-        torch.full((k,), width, dtype=torch.int64, device=dev)
-    paste_into(canvas_t, torch.arange(k, device=dev), logits, tops, lefts, win_h, win_w, *full,
-               span, thr_logit)
-    return canvas_t.transpose(1, 2)
+    full_h = torch.full((k,), height, dtype=torch.int64, device=dev)
+    full_w = torch.full((k,), width, dtype=torch.int64, device=dev)
+    return paste_batch(logits, tops, lefts, win_h, win_w, full_h, full_w, height, width,
+                       thr_logit)
 
 
 def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:
@@ -117,7 +104,7 @@ def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:
 
 def paste_geometry(probs: torch.Tensor, boxes: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torchvision's paste geometry for Mask R-CNN masks, as windows for :func:`paste_into`.
+    """torchvision's paste geometry for Mask R-CNN masks, as windows for :func:`paste_batch`.
 
     Args:
         probs: mask probabilities [K, M, M]; boxes: xyxy [K, 4] in image pixels.

@@ -11,9 +11,10 @@ Two stages:
    levels are selected by one stable sort per batch over [B, cells] (score descending, ties by
    level, row, col: exactly the original's ranking whatever the batch), the optional box NMS runs,
    then masks are computed for the selected windows only, pasted back into each image's frame
-   (:func:`segdist.proposers.paste.paste_into`), binarised at probability ``threshold``
+   (:func:`segdist.proposers.paste.paste_batch`), binarised at probability ``threshold``
    (logit > log(t / (1 - t))) and encoded to COCO RLE, all in slabs of windows sized by the memory
-   budget: per slab a fixed number of ops, one ``nonzero`` and one device-to-host copy.
+   budget: per slab a fixed number of ops and one ``nonzero``; one device-to-host copy of all
+   slabs' characters, boxes and the scores per window.
 
 Geometry (one location for score, mask and placement; the original's index quirk is not copied):
 embedding cell (r, c) of a level reads the i_sz x i_sz window of the *padded* level whose top-left
@@ -37,13 +38,13 @@ import numpy as np
 import torch
 
 from segdist.device import autocast
-from segdist.proposals.rle import encode_masks
+from segdist.proposals.rle import SlabEncoder
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.dense.pool import Candidates
 from segdist.proposers.dense.pyramid import (STRIDE, Level, plan_tiles, pyramid_images,
                                              pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings
-from segdist.proposers.paste import paste_into
+from segdist.proposers.paste import paste_batch
 
 
 @dataclass
@@ -178,17 +179,13 @@ def finish(model, batches: Sequence[Batch], settings: InferenceSettings, name: s
         counts = [o[4] for o in order]
         if settings.nms:
             cand, counts = _nms(model, cand, bufs, counts, settings)
-        spans = {}
-        for b in batches:  # a window's pixel span: at most the image, or the largest window
-            ry = max((lm.level.ry for lm in b.levels), default=1.0)
-            rx = max((lm.level.rx for lm in b.levels), default=1.0)
-            spans[id(b)] = (min(b.height, math.ceil(model.cfg.i_sz * ry) + 1),
-                            min(b.width, math.ceil(model.cfg.i_sz * rx) + 1))
-        geometry = np.asarray([(b.height, b.width, *spans[id(b)])
-                               for b in batches for _ in b.slots], np.int64).reshape(-1, 4)
-        geometry = np.repeat(geometry, counts, axis=0)                 # K x (h, w, span_y, span_x)
-        rles, boxes = _encode(model, cand, bufs, geometry, settings)
-        scores = torch.sigmoid(cand.logits.float()).cpu().numpy().astype(np.float32)
+        geometry = np.asarray([(b.height, b.width) for b in batches for _ in b.slots],
+                              np.int64).reshape(-1, 2)
+        geometry = np.repeat(geometry, counts, axis=0)                 # K x (h, w)
+        # the scores travel to the host in the RLE's one copy
+        scores_dev = torch.sigmoid(cand.logits.float()).contiguous().view(torch.uint8)
+        rles, boxes, scores = _encode(model, cand, bufs, geometry, settings, scores_dev)
+        scores = scores.view(np.float32)
     out: list[ImageProposals | None] = [None] * n_images
     start = 0
     for (slot, iid, h, w, _), n in zip(order, counts):
@@ -334,44 +331,40 @@ def _nms(model, cand: Candidates, bufs: list[torch.Tensor], counts: list[int],
 
 
 def _encode(model, cand: Candidates, bufs: list[torch.Tensor], geometry: np.ndarray,
-            settings: InferenceSettings) -> tuple[list[bytes], np.ndarray]:
+            settings: InferenceSettings, extra: torch.Tensor
+            ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """Compressed RLE and tight xywh boxes (float32 [K, 4]) of all candidates' masks, computed in
-    slabs of windows whose full-resolution canvases fit the memory budget (then dropped).
+    slabs of windows whose full-resolution canvases fit the memory budget (then dropped); with
+    ``extra`` (a uint8 tensor) brought to the host in the same copy.
 
-    ``geometry``: int64 [K, 4] host-known per candidate: image height, width and the bound of its
-    window's pixel span (rows, cols)."""
+    ``geometry``: int64 [K, 2] host-known per candidate: its image's height and width."""
     k = len(cand)
-    if k == 0:
-        return [], np.zeros((0, 4), np.float32)
+    encoder = SlabEncoder(cand.logits.device)
     o = model.mask_size
     thr = _threshold_logit(settings)
-    h, w, sy, sx = geometry.T
-    # bytes per window: canvas + change map (2 B/px) + the float product and its mask (5 B/px of
-    # the span) + the mask head's output and (SharpMask) refinement working set
-    cost = np.cumsum(2 * h * w + 5 * sy * sx + 32 * o * o)
+    h, w = geometry.T if k else (np.zeros(0, np.int64),) * 2
+    # bytes per window, per canvas pixel: the float product (4), the mask and its validity
+    # (2), the RLE's change map and work (4); plus the mask head's output and (SharpMask) the
+    # refinement's working set per logit
     budget = settings.memory_budget_mb * 2 ** 20
-    rles: list[bytes] = []
-    boxes = []
     s = 0
     while s < k:
-        e = max(s + 1, int(np.searchsorted(cost, (cost[s - 1] if s else 0) + budget, side="right")))
+        # the longest slab from s whose canvas (its largest image, per window) fits the budget
+        hm, wm = np.maximum.accumulate(h[s:]), np.maximum.accumulate(w[s:])
+        cost = np.arange(1, k - s + 1) * (10 * hm * wm + 32 * o * o)      # non-decreasing
+        e = s + max(1, int(np.searchsorted(cost, budget, side="right")))
+        hmax, wmax = int(hm[e - s - 1]), int(wm[e - s - 1])
         part = cand.take(slice(s, e))
-        hmax, wmax = int(h[s:e].max()), int(w[s:e].max())
-        span = (int(sy[s:e].max()), int(sx[s:e].max()))
         logits = _mask_logits(model, part, bufs, settings)
-        canvas_t = torch.zeros(e - s, wmax, hmax, dtype=torch.bool, device=logits.device)
-        paste_into(canvas_t, torch.arange(e - s, device=logits.device), logits, part.tops,
-                   part.lefts, part.win_h, part.win_w, part.heights, part.widths, span, thr)
+        masks = paste_batch(logits, part.tops, part.lefts, part.win_h, part.win_w, part.heights,
+                            part.widths, hmax, wmax, thr)
         del logits
         mixed = bool((h[s:e] != hmax).any() or (w[s:e] != wmax).any())
-        c, bx, _ = encode_masks(canvas_t.transpose(1, 2),
-                                heights=part.heights if mixed else None,
-                                widths=part.widths if mixed else None)
-        del canvas_t
-        rles.extend(c)
-        boxes.append(bx)
+        encoder.add(masks, part.heights if mixed else None, part.widths if mixed else None)
+        del masks
         s = e
-    return rles, np.concatenate(boxes).astype(np.float32)
+    rles, boxes, _, extra_h = encoder.finish(extra)
+    return rles, boxes.astype(np.float32), extra_h
 
 
 def propose(model, images: torch.Tensor, image_ids: Sequence[int], settings: InferenceSettings,

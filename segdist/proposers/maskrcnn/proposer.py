@@ -21,7 +21,7 @@ from segdist.device import autocast
 from segdist.errors import ConfigError
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.interface import check_images
-from segdist.proposers.paste import paste_geometry, paste_into
+from segdist.proposers.paste import paste_batch, paste_geometry
 
 
 def _xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,9 @@ class MaskRCNNProposer:
                ) -> list[ImageProposals]:
         """Masks of all images of a batch at once: boxes back to each image's frame, each image's
         top k by score, then paste-back and RLE of all masks together in slabs sized by the
-        memory budget (a fixed number of ops and syncs per slab, none per image or mask)."""
-        from segdist.proposals.rle import encode_masks
+        memory budget (a fixed number of ops and one sync per slab, none per image or mask; one
+        device-to-host copy per batch)."""
+        from segdist.proposals.rle import SlabEncoder
 
         dev = self._device
         n_det = [len(d["scores"]) for d in dets]                       # host-known shapes
@@ -147,35 +148,31 @@ class MaskRCNNProposer:
         hw = np.repeat(np.asarray(sizes, np.int64).reshape(-1, 2), keep_n, axis=0)
         heights = torch.from_numpy(hw[:, 0]).to(dev)
         widths = torch.from_numpy(hw[:, 1]).to(dev)
-        counts: list[bytes] = []
-        tight = []
+        encoder = SlabEncoder(dev)
         if len(order):
-            geometry = paste_geometry(probs, boxes)
-            # one sync per batch: the largest pasted box bounds every mask's pixel span
-            span_h, span_w = torch.stack([geometry[3].max(), geometry[4].max()]).ceil().long().tolist()
-            cost = np.cumsum(2 * hw[:, 0] * hw[:, 1] + 5 * np.minimum(hw[:, 0], span_h + 1)
-                             * np.minimum(hw[:, 1], span_w + 1))
+            padded, tops, lefts, wh, ww = paste_geometry(probs, boxes)
+            budget = self.budget
             s = 0
             while s < len(hw):
-                e = max(s + 1, int(np.searchsorted(cost, (cost[s - 1] if s else 0) + self.budget,
-                                                   side="right")))
-                hmax, wmax = int(hw[s:e, 0].max()), int(hw[s:e, 1].max())
-                canvas_t = torch.zeros(e - s, wmax, hmax, dtype=torch.bool, device=dev)
-                padded, tops, lefts, wh, ww = (g[s:e] for g in geometry)
-                paste_into(canvas_t, torch.arange(e - s, device=dev), padded, tops, lefts, wh, ww,
-                           heights[s:e], widths[s:e], (min(hmax, span_h + 1), min(wmax, span_w + 1)),
-                           self.mask_threshold)
+                # the longest slab whose canvas (its largest image: float product, mask, RLE
+                # work, ~10 B per pixel and mask) fits the budget
+                hm = np.maximum.accumulate(hw[s:, 0])
+                wm = np.maximum.accumulate(hw[s:, 1])
+                cost = np.arange(1, len(hw) - s + 1) * 10 * hm * wm
+                e = s + max(1, int(np.searchsorted(cost, budget, side="right")))
+                hmax, wmax = int(hm[e - s - 1]), int(wm[e - s - 1])
+                masks = paste_batch(padded[s:e], tops[s:e], lefts[s:e], wh[s:e], ww[s:e],
+                                    heights[s:e], widths[s:e], hmax, wmax, self.mask_threshold)
                 mixed = bool((hw[s:e] != (hmax, wmax)).any())
-                c, bx, _ = encode_masks(canvas_t.transpose(1, 2),
-                                        heights=heights[s:e] if mixed else None,
-                                        widths=widths[s:e] if mixed else None)
-                del canvas_t
-                counts.extend(c)
-                tight.append(bx)
+                encoder.add(masks, heights[s:e] if mixed else None, widths[s:e] if mixed else None)
+                del masks
                 s = e
-        host = torch.cat([scores.float(), labels.float()]).cpu().numpy()  # one copy
+        # scores and labels travel to the host in the RLE's one copy
+        extra = torch.cat([scores.float(), labels.float()]).contiguous().view(torch.uint8)
+        counts, boxes_h, _, host = encoder.finish(extra)
+        host = host.view(np.float32)
         sc, lb = host[:len(order)], host[len(order):].astype(np.int32)
-        boxes_h = np.concatenate(tight) if tight else np.zeros((0, 4), np.float32)
+        boxes_h = boxes_h.astype(np.float32)
         out, start = [], 0
         for iid, (h, w), n in zip(image_ids, sizes, keep_n):
             out.append(ImageProposals(int(iid), h, w, sc[start:start + n], boxes_h[start:start + n],
