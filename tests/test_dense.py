@@ -20,7 +20,7 @@ from segdist.proposers.dense.proposer import DenseProposer
 from segdist.proposers.dense.pyramid import (MEAN, STD, Level, plan_tiles, pyramid_images,
                                              pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings, preset_scales
-from segdist.proposers.paste import paste_masks
+from segdist.proposers.paste import paste_batch
 
 PRESETS = ["deepmask", "deepmask-zoom", "deepmask-zoom2", "sharpmask", "sharpmask-zoom",
            "sharpmask-zoom2"]
@@ -205,18 +205,23 @@ def test_pyramid_images_are_spatial_resampling_ex(src, levels):
             assert torch.equal(x[b:b + 1], ref), (lv, b)
 
 
-def test_paste_masks_equals_resize_then_paste():
+def test_paste_batch_equals_resize_then_paste():
+    # three windows (one partly above, one partly left of its image), two image sizes on one canvas
     torch.manual_seed(0)
     logits = torch.randn(3, 8, 8)
     tops = torch.tensor([-5.0, 10.0, 30.0], dtype=torch.float64)
     lefts = torch.tensor([3.0, -7.0, 20.0], dtype=torch.float64)
-    out = paste_masks(logits, tops, lefts, 24.0, 24.0, 40, 50, 0.1)
+    win = torch.full((3,), 24.0, dtype=torch.float64)
+    heights, widths = torch.tensor([40, 40, 33]), torch.tensor([50, 50, 37])
+    out = paste_batch(logits, tops, lefts, win, win, heights, widths, 40, 50, 0.1)
     for i in range(3):
         big = F.interpolate(logits[i][None, None], size=(24, 24), mode="bilinear",
                             align_corners=False)[0, 0] > 0.1
         ref = torch.zeros(140, 150, dtype=torch.bool)
         t, left = int(tops[i]) + 50, int(lefts[i]) + 50
         ref[t:t + 24, left:left + 24] = big
+        ref[50 + int(heights[i]):] = False  # nothing outside the mask's own image
+        ref[:, 50 + int(widths[i]):] = False
         assert torch.equal(out[i], ref[50:90, 50:100])
 
 

@@ -15,7 +15,7 @@ from segdist.models.maskrcnn import build_maskrcnn
 from segdist.models.weights import hub_cache_file
 from segdist.proposers import build_proposer
 from segdist.proposers.maskrcnn.proposer import MaskRCNNProposer
-from segdist.proposers.paste import paste_in_boxes
+from segdist.proposers.paste import paste_batch, paste_geometry
 
 SMALL = dict(min_size=128, max_size=160, rpn_post_nms_top_n_test=200)  # cheap on CPU
 
@@ -42,7 +42,9 @@ def test_paste_equals_torchvision_paste_masks_in_image():
     boxes[:3] = torch.tensor([[-30.0, -20.0, 40.0, 50.0], [100.0, 90.0, 200.0, 180.0],
                               [5.2, 7.9, 6.1, 8.3]])  # outside the image, beyond it, sub-pixel
     ref = paste_masks_in_image(probs, boxes, (120, 150))[:, 0] > 0.5
-    ours = paste_in_boxes(probs[:, 0], boxes, 120, 150, 0.5)
+    padded, tops, lefts, h, w = paste_geometry(probs[:, 0], boxes)
+    size = torch.full((60,), 120), torch.full((60,), 150)
+    ours = paste_batch(padded, tops, lefts, h, w, *size, 120, 150, 0.5)
     assert ref.any()
     assert torch.equal(ours, ref)
 

@@ -6,8 +6,7 @@ that predicts masks on a small grid: DeepMask/SharpMask windows, Mask R-CNN's 28
 (y, x) of the image takes the value sampled at its centre (y + .5, x + .5)) and thresholded, on one
 canvas for masks of any images. Every canvas pixel is computed, as two small matrix products per
 mask (rows, then columns): the shapes do not depend on the windows, so a slab needs no host sync.
-:func:`paste_masks` is the one-image form; :func:`paste_geometry` / :func:`paste_in_boxes` are
-torchvision's Mask R-CNN geometry expressed through it.
+:func:`paste_geometry` is torchvision's Mask R-CNN geometry expressed as such windows.
 """
 
 from __future__ import annotations
@@ -67,31 +66,6 @@ def paste_batch(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
     return (vals > thr_logit) & vy[:, :, None] & vx[:, None, :]
 
 
-def paste_masks(logits: torch.Tensor, tops: torch.Tensor, lefts: torch.Tensor,
-                win_h: float | torch.Tensor, win_w: float | torch.Tensor, height: int, width: int,
-                thr_logit: float) -> torch.Tensor:
-    """Binarised masks in the frame of one image (see :func:`paste_batch`).
-
-    Args:
-        logits: float32 [K, o, o] per-window values (logits; Mask R-CNN passes probabilities),
-            each covering its window (row-major, rows = y).
-        tops, lefts: float64 [K], window top-left in image pixels (may be negative).
-        win_h, win_w: window size in image pixels: a float (same for all K) or float64 [K].
-        height, width: image size.
-        thr_logit: a pixel is on when its bilinearly resized value is > thr_logit.
-    Returns:
-        bool [K, height, width].
-    """
-    k = logits.shape[0]
-    dev = logits.device
-    win_h = torch.as_tensor(win_h, dtype=torch.float64, device=dev).expand(k)
-    win_w = torch.as_tensor(win_w, dtype=torch.float64, device=dev).expand(k)
-    full_h = torch.full((k,), height, dtype=torch.int64, device=dev)
-    full_w = torch.full((k,), width, dtype=torch.int64, device=dev)
-    return paste_batch(logits, tops, lefts, win_h, win_w, full_h, full_w, height, width,
-                       thr_logit)
-
-
 def _expanded_int_boxes(boxes: torch.Tensor, m: int) -> torch.Tensor:
     """torchvision's paste geometry: boxes grown by one mask cell per side, truncated to int."""
     scale = (m + 2) / m
@@ -119,14 +93,3 @@ def paste_geometry(probs: torch.Tensor, boxes: torch.Tensor
     w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1).double()
     h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1).double()
     return padded, ib[:, 1].double(), ib[:, 0].double(), h, w
-
-
-def paste_in_boxes(probs: torch.Tensor, boxes: torch.Tensor, height: int, width: int,
-                   threshold: float = 0.5) -> torch.Tensor:
-    """Mask R-CNN mask probabilities [K, M, M] in boxes xyxy [K, 4] (image px) -> bool [K, H, W].
-
-    Same geometry as torchvision's ``paste_masks_in_image`` (:func:`paste_geometry`), all K masks
-    at once.
-    """
-    padded, tops, lefts, h, w = paste_geometry(probs, boxes)
-    return paste_masks(padded, tops, lefts, h, w, height, width, threshold)

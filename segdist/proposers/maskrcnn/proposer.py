@@ -4,7 +4,8 @@ Two modes:
 - ``masks``: the top detections across all classes (box score threshold 0, up to k per image),
   category-agnostic proposals whose predicted class is kept as ``labels``; the 28x28 mask
   probabilities are pasted at image resolution with torchvision's geometry
-  (:func:`segdist.proposers.paste.paste_in_boxes`) and binarised at 0.5, in batches sized by a
+  (:func:`segdist.proposers.paste.paste_geometry`, ``paste_batch``) and binarised at 0.5, all
+  masks of a batch together in slabs sized by a
   memory budget (torchvision's own postprocess would hold all k full-resolution float masks).
 - ``rpn``: the region proposal network's proposals (boxes + objectness probability, no masks).
 """
