@@ -123,16 +123,18 @@ def counting_host_reads(counter: OpCounter) -> Iterator[None]:
     orig = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "numpy")}
     fetched: set[int] = set()
 
+    # A tensor on a GPU is counted by the dispatcher (its copy to the host); these hooks stand in
+    # for the copies a GPU run would make of tensors that are on the CPU here.
     def cpu(self, *a, **k):
         out = orig["cpu"](self, *a, **k)
-        if id(self) not in fetched:
+        if self.device.type == "cpu" and id(self) not in fetched:
             counter.add_sync()
         fetched.add(id(out))
         return out
 
     def read(name):
         def f(self, *a, **k):
-            if id(self) not in fetched:
+            if self.device.type == "cpu" and id(self) not in fetched:
                 counter.add_sync()
             return orig[name](self, *a, **k)
         return f
