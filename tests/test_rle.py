@@ -217,12 +217,14 @@ def bench() -> None:
     ref = timed(lambda: mask_utils.encode(fortran))
     ours = timed(lambda: rle.encode_with_boxes(t))
     frpy = timed(ours_then_frpy)
-    runs = timed(lambda: rle._runs_on_device(t))
+    runs = timed(lambda: rle._runs_on_device(t, None, None))
+    cpu_path = timed(lambda: rle._encode_with_pycocotools(t))
     print(f"{n} masks {h}x{w}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"pycocotools.encode (from Fortran uint8):       {n / ref:9.0f} masks/s")
-    print(f"segdist encode_with_boxes (numpy strings):     {n / ours:9.0f} masks/s")
+    print(f"segdist encode_with_boxes (torch coder):       {n / ours:9.0f} masks/s")
     print(f"  of which the torch pass (runs/boxes/areas):  {n / runs:9.0f} masks/s")
     print(f"torch runs + pycocotools frPyObjects strings:  {n / frpy:9.0f} masks/s")
+    print(f"pycocotools after a column-major copy (CPU):   {n / cpu_path:9.0f} masks/s")
     if torch.cuda.is_available():
         tc = t.cuda()
         def gpu():
