@@ -62,8 +62,10 @@ class MaskRCNNProposer:
 
     def _batch_len(self, images: Sequence[np.ndarray]) -> int:
         """How many of ``images`` (at most ``batch_size``) form the next batch: as many as the
-        network's working set (~300 B per pixel of the padded, resized batch tensor) fits in half
-        of the memory budget, at least one."""
+        network's working set fits in half of the memory budget, at least one. The working set,
+        ~1.5 KB per pixel of the padded, resized batch tensor with 1000 detections per image, was
+        measured on the CPU (a batch of 10 640x480 images resized to 800x1067 peaked at 19.5 GB
+        of RSS)."""
         t = self.model.transform
         lo, hi = float(min(t.min_size)), float(t.max_size)
         hmax = wmax = 0
@@ -71,7 +73,7 @@ class MaskRCNNProposer:
             h, w = im.shape[:2]
             scale = min(lo / min(h, w), hi / max(h, w))
             hmax, wmax = max(hmax, h * scale), max(wmax, w * scale)
-            if n and (n + 1) * hmax * wmax * 300 > self.budget // 2:
+            if n and (n + 1) * hmax * wmax * 1500 > self.budget // 2:
                 return n
         return max(1, len(images))
 
