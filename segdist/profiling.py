@@ -94,7 +94,8 @@ class OpCounter(TorchDispatchMode):
             self.by_op[name] += 1
             self.by_region[self._region[-1]] += 1
         if name in SYNC_OPS or (name == "repeat_interleave" and kwargs.get("output_size") is None
-                                and not (args and isinstance(args[0], int))):
+                                and not (args and isinstance(args[0], int))) \
+                or (name == "where" and len(args) == 1 and not kwargs):  # where(cond) = nonzero
             self.add_sync()
         elif name in ("_to_copy", "to", "copy_") and args and isinstance(args[0], torch.Tensor):
             src = args[1] if name == "copy_" else args[0]

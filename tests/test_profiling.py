@@ -27,8 +27,10 @@ def test_op_counter_counts_kernels_and_syncs():
         float(y[0, 0])                   # select is a view; item: 1 + sync
         torch.repeat_interleave(torch.tensor([1, 2]))   # (a host tensor) repeat_interleave 1 + sync
         y.cpu()                          # a host read on the GPU path: sync
-    assert c.syncs == 4
-    assert c.ops == 6, c.by_op
+        torch.where(y > 5)               # gt 1, where(cond) (a nonzero) 1 + sync
+        torch.where(y > 5, y, x)         # gt 1, where 1: no sync
+    assert c.syncs == 5
+    assert c.ops == 10, c.by_op
 
 
 def test_host_stage_counts_only_while_profiling():
