@@ -133,3 +133,25 @@ def test_worker_hands_windows_bounded_by_the_budget(tmp_path, models):
     for r in records:
         alone = real([np.asarray(Image.open(r.uri).convert("RGB"))], [r.image_id])[0]
         assert same(got[r.image_id], alone)
+
+
+def test_scores_do_not_depend_on_the_position_in_the_window(tmp_path):
+    # Images of distinct sizes (the job test's synthetic set): every window puts an image's
+    # logits at another offset of the window's arrays; elementwise kernels with a vectorised body
+    # and a scalar tail (sigmoid) gave last-bit differences there (a regression).
+    from segdist.config import model_config
+    from segdist.data.synthetic import make_synthetic
+    from segdist.imageio import read_image
+    from segdist.proposers import build_proposer
+
+    make_synthetic(str(tmp_path), 8, seed=5, min_side=48, max_side=96, max_objects=3)
+    files = sorted((tmp_path / "images").iterdir())
+    imgs = [read_image(str(f)) for f in files]
+    gen = build_proposer(model_config(name="deepmask", trunk="resnet18", proposals=12, device="cpu",
+                                      scales={"min": -1.0, "max": 0.0, "step": 1.0}, batch_size=2))
+    ids = list(range(8))
+    windows = gen(imgs[:4], ids[:4]) + gen(imgs[4:], ids[4:])
+    pairs = [p for s in range(0, 8, 2) for p in gen(imgs[s:s + 2], ids[s:s + 2])]
+    assert len({im.shape for im in imgs}) == 8
+    for a, b in zip(windows, pairs):
+        assert same(a, b), a.image_id

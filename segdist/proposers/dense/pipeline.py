@@ -182,8 +182,13 @@ def finish(model, batches: Sequence[Batch], settings: InferenceSettings, name: s
         geometry = np.asarray([(b.height, b.width) for b in batches for _ in b.slots],
                               np.int64).reshape(-1, 2)
         geometry = np.repeat(geometry, counts, axis=0)                 # K x (h, w)
-        # the scores travel to the host in the RLE's one copy
-        scores_dev = torch.sigmoid(cand.logits.float()).contiguous().view(torch.uint8)
+        # The scores travel to the host in the RLE's one copy. sigmoid runs image by image (one
+        # op each): its vectorised and scalar (array tail) code paths differ in the last bit, so
+        # over the whole window an image's scores would depend on where its logits start.
+        logits = cand.logits.float()
+        ends = np.cumsum(counts).tolist()
+        scores_dev = torch.cat([torch.sigmoid(logits[a:b]) for a, b in zip([0] + ends[:-1], ends)]
+                               or [logits]).view(torch.uint8)
         rles, boxes, scores = _encode(model, cand, bufs, geometry, settings, scores_dev)
         scores = scores.view(np.float32)
     out: list[ImageProposals | None] = [None] * n_images
