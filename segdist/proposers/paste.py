@@ -11,8 +11,6 @@ mask (rows, then columns): the shapes do not depend on the windows, so a slab ne
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 

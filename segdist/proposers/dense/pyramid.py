@@ -1,10 +1,11 @@
-"""The dense proposer's pyramid: levels of an image, their padded and normalised windows, and
-the tiles a level is run in (InferDeepMask.lua's pyramid, with bounded memory).
+"""The dense proposer's pyramid: levels of an image, their padded and normalised images (all levels
+of a batch made together), and the tiles a level is run in (InferDeepMask.lua's pyramid, with
+bounded memory).
 
 Each level is the image resampled to round(s*H) x round(s*W) (s: the pyramid scale times the
 ``max_image_side`` factor) as the original's pyramid does it (nnx's SpatialReSamplingEx, bilinear
-with aligned corners, for shrinking and enlarging alike), padded by i_sz/2 = 80 px of value 0.5 on every side and
-normalised with the ImageNet mean/std. A level whose padded size exceeds the trunk's share of the
+with aligned corners, for shrinking and enlarging alike), padded by i_sz/2 = 80 px of value 0.5 on
+every side and normalised with the ImageNet mean/std. A level whose padded size exceeds the trunk's share of the
 memory budget runs in tiles aligned to stride 16, each read with a halo of the network's receptive
 radius, so that tiled results equal untiled ones.
 """
@@ -89,13 +90,12 @@ def _axis_table(n_in: int, n_out: int, start: int, stop: int
 
 
 def normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) float32 [1, 3, 1, 1] on ``device`` (make once, pass to every level)."""
+    """(mean, std) float32 [1, 3, 1, 1] on ``device`` (one upload)."""
     ms = torch.tensor([MEAN, STD]).to(device)
     return ms[0].view(1, 3, 1, 1), ms[1].view(1, 3, 1, 1)
 
 
-def pyramid_images(images: torch.Tensor, levels: list[Level], pad: int,
-                   norm: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+def pyramid_images(images: torch.Tensor, levels: list[Level], pad: int) -> list[torch.Tensor]:
     """The padded, normalised images of all ``levels`` of a batch, made together.
 
     Each level image is the original's: the image in [0, 1] (uint8 times float32(1/255), as
@@ -114,7 +114,6 @@ def pyramid_images(images: torch.Tensor, levels: list[Level], pad: int,
             already in [0, 1] (:func:`to_unit`).
         levels: the levels to make (any sizes).
         pad: padding in level pixels (i_sz / 2), filled with 0.5 before normalisation.
-        norm: :func:`normalisation` of the device (made here when None).
     Returns:
         per level, float32 [B, 3, height + 2 pad, width + 2 pad], ImageNet-normalised.
     """
@@ -122,7 +121,7 @@ def pyramid_images(images: torch.Tensor, levels: list[Level], pad: int,
         return []
     b, _, h, w = images.shape
     dev = images.device
-    mean, std = norm if norm is not None else normalisation(dev)
+    mean, std = normalisation(dev)
     src = images if images.is_floating_point() else to_unit(images)    # B x 3 x H x W, [0, 1]
     # Host tables (numpy, float32 arithmetic as the C code): rows of all levels one after the
     # other; per level its column table, padded to the widest level.
