@@ -17,8 +17,13 @@ $(VENV)/bin/activate:
 install: $(VENV)/bin/activate
 	$(PIP) install -q -c constraints.txt -e .
 
+# The tests also run the Segment Anything presets against the official generators: the sam and
+# sam2 extras. sam2 is a source distribution whose build imports torch, so it builds without
+# isolation, against the torch installed here (and without its optional CUDA extension).
 install-test: $(VENV)/bin/activate
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q -c constraints.txt -e ".[test,sam]"
+	$(PIP) install -q -c constraints.txt wheel setuptools
+	SAM2_BUILD_CUDA=0 $(PIP) install -q -c constraints.txt --no-build-isolation -e ".[test,sam,sam2]"
 
 demo: install
 	$(VENV)/bin/segdist demo

@@ -231,6 +231,11 @@ class ModelConfig(_Strict):
     def _weights_text(self, ref: WeightsRef) -> str | None:
         return ref.text()
 
+    def weights_help(self) -> str:
+        """Where to get this model's weights file and how to pass it, for errors about a missing
+        one ("" when the family has nothing to add; Segment Anything names its official file)."""
+        return ""
+
 
 def _family_error(field: str, value: Any, family: str, name: Any, fields: list[str]) -> dict:
     return {"type": PydanticCustomError(

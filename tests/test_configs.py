@@ -43,10 +43,18 @@ def test_generate_config_says_what_to_fill_in(path):
                                                      else [])])
     assert cfg.output.uri == "s3://my-bucket/proposals/run1"
     stem = path.stem
-    assert cfg.model.name == next(m for m in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn")
-                                  if stem.endswith(m))
+    assert cfg.model.name == next(m for m in ("sharpmask-zoom", "deepmask-zoom", "maskrcnn",
+                                              "sam-vit-h", "sam2-hiera-l") if stem.endswith(m))
     assert cfg.model.proposals == 1000 and cfg.output.chunk_size == 500
-    if cfg.model.name == "maskrcnn":
+    if cfg.model.name.startswith("sam"):
+        # the official checkpoint; a missing one names the file to get
+        assert cfg.model.weights == WeightsRef("state-dict", cfg.model.preset.url)
+        missing = cfg.model.model_copy(
+            update={"weights": WeightsRef("state-dict", str(path.parent / "no-such.pth"))})
+        with pytest.raises(StorageError, match=f"does not exist; the official {cfg.model.name} "
+                                               f"checkpoint is {cfg.model.preset.checkpoint}"):
+            preflight.check_weights(missing)
+    elif cfg.model.name == "maskrcnn":
         assert cfg.model.weights == WeightsRef("torchvision", "DEFAULT")
         preflight.check_weights(cfg.model)
     else:
@@ -95,7 +103,7 @@ def test_every_shipped_config_validates(path):
         fill.append("dataset.images=s3://b/photos")
     cfg = load_config(JobConfig, str(path), fill)
     # the model section is its family's class, and survives a dump (YAML, run.json, manifest)
-    assert type(cfg.model).__name__ in ("DenseConfig", "MaskRCNNConfig")
+    assert type(cfg.model).__name__ in ("DenseConfig", "MaskRCNNConfig", "SamConfig", "Sam2Config")
     assert load_config(JobConfig, None, base=cfg.model_dump(mode="json")) == cfg
 
 

@@ -34,10 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-side", type=int, default=None,
                         help="scale the image down to this longer side for the model (the picture "
                              "keeps the full size)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="any other setting of the model section (repeatable), e.g. --set "
+                             "points_per_side=16 for the Segment Anything presets")
 
 
 def run(args: argparse.Namespace) -> int:
-    from segdist.config import model_config
+    from segdist.config import apply_overrides, model_config
     from segdist.errors import ConfigError
     from segdist.imageio import read_image
     from segdist.proposers import build_proposer, config_class
@@ -53,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--max-image-side does not apply to {args.model}: it has no "
                               "max_image_side setting")
         fields["max_image_side"] = args.max_image_side
+    overrides = [item if item.startswith("model.") else f"model.{item}" for item in args.overrides]
+    fields = apply_overrides({"model": fields}, overrides)["model"]
     cfg = model_config(**fields)
     if cfg.weights.kind == "random" and config_class(args.model).WEIGHT_KINDS != ("random",):
         # Random weights draw plausible-looking but meaningless proposals: say so up front.

@@ -77,7 +77,9 @@ def check_weights(model: ModelConfig) -> None:
     except (OSError, ValueError) as exc:
         raise StorageError(f"cannot reach model.weights {ref.uri}: {exc}") from exc
     if not found:
-        raise StorageError(f"model.weights {ref.uri} does not exist; check the URI")
+        hint = model.weights_help()
+        raise StorageError(f"model.weights {ref.uri} does not exist; "
+                           f"{hint or 'check the URI'}")
 
 
 def check_output_shared(output: OutputConfig, nodes: int) -> None:

@@ -14,7 +14,8 @@ by reference when its module is importable on the workers, by value when it was 
 ``__main__``), so a proposer registered in the driver's process runs on the cluster.
 
 Families: :mod:`.dense` (DeepMask, SharpMask), :mod:`.maskrcnn` (torchvision's Mask R-CNN),
-:mod:`.sliding_window` (a no-network baseline). Importing this package does not import torch.
+:mod:`.sliding_window` (a no-network baseline), :mod:`.sam` (Segment Anything 1 and 2, on the
+official packages of the optional extras). Importing this package does not import torch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 from segdist.config import ModelConfig
 from segdist.errors import ConfigError
-from segdist.proposers import dense, maskrcnn, sliding_window
+from segdist.proposers import dense, maskrcnn, sam, sliding_window
 from segdist.proposers.interface import Proposer, check_images
 
 Builder = Callable[[ModelConfig], Proposer]
@@ -34,6 +35,8 @@ PROPOSERS: dict[str, Builder] = {
     **{name: dense.build for name in dense.PRESETS},
     **{name: maskrcnn.build for name in maskrcnn.PRESETS},
     "sliding-window": sliding_window.build,
+    **{name: sam.build_sam for name in sam.SAM_PRESETS},
+    **{name: sam.build_sam2 for name in sam.SAM2_PRESETS},
 }
 
 __all__ = ["PROPOSERS", "Builder", "Proposer", "build_proposer", "check_images", "config_class"]
