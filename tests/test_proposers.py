@@ -69,10 +69,17 @@ def build_quadrants(config: QuadrantsConfig) -> Quadrants:
     return Quadrants(config.name, config.fraction)
 
 
+SAM_PRESETS = ["sam-vit-b", "sam-vit-l", "sam-vit-h", "sam2-hiera-t", "sam2-hiera-s",
+               "sam2-hiera-b+", "sam2-hiera-l", "sam2.1-hiera-t", "sam2.1-hiera-s",
+               "sam2.1-hiera-b+", "sam2.1-hiera-l"]
+
+
 def test_registry_api_and_presets():
-    assert set(PROPOSERS) == {*PRESETS, "sliding-window"}
+    assert set(PROPOSERS) == {*PRESETS, "sliding-window", *SAM_PRESETS}
     for name in PRESETS:
         assert config_class(name).FAMILY in ("DeepMask/SharpMask", "Mask R-CNN")
+    for name in SAM_PRESETS:
+        assert config_class(name).FAMILY in ("Segment Anything", "Segment Anything 2")
     proposer = build_proposer(model_config(name="sliding-window", proposals=5))
     assert isinstance(proposer, Proposer) and proposer.name == "sliding-window"
     assert proposer.weights_sha256 is None and proposer.device == "cpu"
@@ -82,6 +89,7 @@ def test_importing_the_registry_and_validating_a_config_load_no_torch():
     code = ("import sys; from segdist.proposers import PROPOSERS; from segdist.config import "
             "model_config; model_config(name='maskrcnn', weights='DEFAULT'); "
             "model_config(name='sharpmask-zoom', trunk='resnet18', scales={'max': 0.5}); "
+            "model_config(name='sam2-hiera-t', points_per_side=8); "
             "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout

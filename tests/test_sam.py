@@ -386,3 +386,23 @@ def test_a_sam_resume_skips_committed_chunks(vit_b_run, tmp_path):
     again = read_tree(str(copy))
     assert {k: v for k, v in again.items() if "chunk-" in k} == \
            {k: v for k, v in first.items() if "chunk-" in k}     # the same bytes
+
+
+def test_show_draws_sam_proposals(tmp_path, capsys):
+    pytest.importorskip("sam2")
+    from PIL import Image
+
+    from segdist.cli import main
+
+    data = make_data(str(tmp_path / "data"), 1)
+    image = next(Path(data["images"]).iterdir())
+    out = tmp_path / "overlay.png"
+    assert main(["show", str(image), "--model", "sam2-hiera-t", "--device", "cpu", "--top", "3",
+                 "--out", str(out), "--set", "points_per_side=2", "--set", "pred_iou_thresh=0",
+                 "--set", "stability_score_thresh=0", "--set", "box_nms_thresh=1.0"]) == 0
+    assert f"{out}: 3 proposals of sam2-hiera-t drawn over" in capsys.readouterr().out
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    original = np.asarray(Image.open(image).convert("RGB"))
+    assert drawn.shape == original.shape and not np.array_equal(drawn, original)
+    assert main(["show", str(image), "--model", "sam2-hiera-t", "--set", "no_such=1"]) == 2
+    assert "model.no_such: not a setting of the Segment Anything 2" in capsys.readouterr().err
