@@ -298,8 +298,9 @@ VIT_B = {"name": "sam-vit-b", "device": "cpu", "points_per_side": 3, "pred_iou_t
 
 
 @pytest.fixture(scope="module")
-def vit_b_run(ray_cluster, tmp_path_factory):
+def vit_b_run(request, tmp_path_factory):
     pytest.importorskip("segment_anything")
+    request.getfixturevalue("ray_cluster")  # only once the package is there
     from segdist.cli import main
 
     root = tmp_path_factory.mktemp("sam-vit-b")

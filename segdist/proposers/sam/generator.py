@@ -113,7 +113,6 @@ class SamProposer:
         check_images(images, image_ids)
         return [self._image(im, iid) for im, iid in zip(images, image_ids)]
 
-
     def _image(self, image: np.ndarray, image_id: int) -> ImageProposals:
         """The proposals of one image: each crop encoded, its prompts decoded in batches of
         points_per_batch (as the official generators cut them), its masks filtered and encoded,
@@ -129,7 +128,7 @@ class SamProposer:
             coords = self.runner.prompts(enc, points)
             for s in range(0, len(points), st.points_per_batch):
                 dec = self._decode(enc, coords[s:s + st.points_per_batch])
-                self._add_masks(crop, enc, dec.low_res, dec.iou[dec.keep], image)
+                self._add_masks(crop, enc, dec, image)
             del enc, coords
             self._finish_crop(crop)
             crops.append(crop)
@@ -146,35 +145,36 @@ class SamProposer:
         # SAM 2's use_m2m: every mask of the first pass (no IoU filter) is decoded again with its
         # own clamped low-resolution logits as mask prompt, single-mask output, in batches of
         # points_per_batch; the IoU filter applies to the refined masks.
+        # The result has one row per (point, mask) of the first pass, each with its single mask.
         first = run.decode(enc, coords, iou_thresh=None, multimask=st.multimask_output)
         m = first.iou.shape[1]
-        low = first.low_res.clamp(-32.0, 32.0)[:, None]                    # B*M x 1 x 256 x 256
+        low = first.low_res.clamp(-32.0, 32.0).flatten(0, 1)[:, None]     # B*M x 1 x 256 x 256
         again = coords.repeat_interleave(m, dim=0)
         n = st.points_per_batch
         parts = [run.decode(enc, again[s:s + n], iou_thresh=st.pred_iou_thresh, multimask=False,
                             mask_input=low[s:s + n]) for s in range(0, len(again), n)]
-        return Decoded(torch.cat([p.iou for p in parts]).reshape(len(coords), m),
-                       torch.cat([p.keep for p in parts]).reshape(len(coords), m),
+        return Decoded(torch.cat([p.iou for p in parts]), torch.cat([p.keep for p in parts]),
                        torch.cat([p.low_res for p in parts]))
 
     # -- masks of one crop -------------------------------------------------------------------------
 
-    def _add_masks(self, crop: _Crop, enc: Encoded, low_res: torch.Tensor, iou: torch.Tensor,
-                   image: np.ndarray) -> None:
-        """Upsample, filter by stability, binarise, encode and append masks of ``crop``
-        (``low_res`` float32 [K, 256, 256], their predicted IoU float32 [K]), in chunks of the
-        memory budget."""
+    def _add_masks(self, crop: _Crop, enc: Encoded, dec: Decoded, image: np.ndarray) -> None:
+        """Upsample the kept masks of a decoded batch, filter them by stability, binarise, encode
+        and append them to ``crop``, in chunks of prompts sized by the memory budget."""
         st = self.settings
         h, w = image.shape[:2]
         x0, y0, x1, y1 = crop.box
         ch, cw = enc.hw
         # per mask: logits at crop size and at the model's 1024 x 1024 input (SAM's first
         # interpolation), the binary mask in the image and the RLE working set
-        per_mask = 4 * ch * cw + 4 * 1024 * 1024 + 4 * h * w
-        chunk = max(1, int(st.memory_budget_mb * 2 ** 20 // per_mask))
-        for s in range(0, len(low_res), chunk):
-            logits = self.runner.upsample(low_res[s:s + chunk], enc)  # k x ch x cw
-            score = iou[s:s + chunk]
+        low, kept = dec.low_res, dec.kept                                  # R x M x 256 x 256, R x M
+        iou = dec.iou[dec.keep.any(1)]
+        per_prompt = low.shape[1] * (4 * ch * cw + 4 * 1024 * 1024 + 4 * h * w)
+        chunk = max(1, int(st.memory_budget_mb * 2 ** 20 // per_prompt))
+        for s in range(0, len(low), chunk):
+            k = kept[s:s + chunk]
+            logits = self.runner.upsample(low[s:s + chunk], enc)[k]       # K x ch x cw
+            score = iou[s:s + chunk][k]
             if st.stability_score_thresh > 0:
                 ok = stability_score(logits, st.mask_threshold,
                                      st.stability_score_offset) >= st.stability_score_thresh

@@ -16,7 +16,7 @@ proposals a function of the image alone.
 
 Conventions: images enter as uint8 H x W x 3 RGB numpy arrays; points as float64 [N, 2] (x, y) in
 the image's pixels; low-resolution mask logits leave as float32 [K, 256, 256] (the model's mask
-grid); upsampled logits as float32 [K, H, W] in the image's pixels.
+grid); upsampled logits as float32 [R, M, H, W] in the image's pixels.
 """
 
 from __future__ import annotations
@@ -45,13 +45,20 @@ class Encoded:
 
 @dataclass
 class Decoded:
-    """Decoder outputs of a slab of B prompts: ``iou`` float32 [B, M] predicted IoU (M = 3 masks
+    """Decoder outputs of a batch of B prompts: ``iou`` float32 [B, M] predicted IoU (M = 3 masks
     per prompt, or 1), ``keep`` bool [B, M] (iou above the threshold), ``low_res`` float32
-    [K, h, w] logits of the kept masks in (prompt, mask) order, K = keep.sum()."""
+    [R, M, h, w] logits of the R prompts with a mask kept (``keep.any(1)``, in order), all M masks
+    of each: upsampling them in this layout gives the official generators' numbers (the CPU
+    bilinear kernel's last bits depend on the number of channels, measured)."""
 
     iou: torch.Tensor
     keep: torch.Tensor
     low_res: torch.Tensor
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """bool [R, M]: which masks of the R returned prompts are kept."""
+        return self.keep[self.keep.any(1)]
 
 
 def _hyper_in(decoder: nn.Module, tokens_out: torch.Tensor) -> torch.Tensor:
@@ -88,7 +95,6 @@ class SamRunner:
         self.model = model
         self.device = model.device
         self.precision = precision
-        self.mask_threshold = float(model.mask_threshold)
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
 
     def encode(self, image: np.ndarray) -> Encoded:
@@ -128,14 +134,14 @@ class SamRunner:
             rows = keep.any(1)
             hyper = _hyper_in(md, hs[:, 1:1 + md.num_mask_tokens, :])[rows]
             src = src[rows].transpose(1, 2).reshape(-1, c, h, w)
-            masks = _masks(hyper, md.output_upscaling(src))[:, sl]       # r x M x 256 x 256
-            low = masks[keep[rows]].float()
+            low = _masks(hyper, md.output_upscaling(src))[:, sl].float()  # r x M x 256 x 256
         return Decoded(iou, keep, low)
 
     def upsample(self, low_res: torch.Tensor, image: Encoded) -> torch.Tensor:
-        """float32 [K, H, W] logits in the image's pixels (``Sam.postprocess_masks``)."""
+        """float32 [R, M, H, W] logits in the image's pixels from [R, M, h, w]
+        (``Sam.postprocess_masks``)."""
         with torch.inference_mode():
-            return self.model.postprocess_masks(low_res[:, None], image.input_size, image.hw)[:, 0]
+            return self.model.postprocess_masks(low_res, image.input_size, image.hw)
 
 
 class Sam2Runner:
@@ -152,7 +158,6 @@ class Sam2Runner:
         self.model = model
         self.device = model.device
         self.precision = precision
-        self.mask_threshold = 0.0
         # the official generator's predictor: mask_threshold 0 for the hole filling, whatever
         # the generator's own mask_threshold
         self.transforms = SAM2Transforms(resolution=model.image_size, mask_threshold=0.0,
@@ -211,8 +216,7 @@ class Sam2Runner:
                 keep = _kept(iou, iou_thresh)
                 rows = keep.any(1)
                 masks = self._masks(md, image, hyper[rows], src[rows], (c, h, w))
-                low = masks[:, 1:][keep[rows]].float()
-                return Decoded(iou, keep, low)
+                return Decoded(iou, keep, masks[:, 1:].float())
             masks = self._masks(md, image, hyper, src, (c, h, w))
             if md.dynamic_multimask_via_stability and not md.training:
                 masks, iou = md._dynamic_multimask_via_stability(masks, iou_all)
@@ -220,7 +224,7 @@ class Sam2Runner:
                 masks, iou = masks[:, 0:1], iou_all[:, 0:1]
             iou = iou.float()
             keep = _kept(iou, iou_thresh)
-            return Decoded(iou, keep, masks[keep].float())
+            return Decoded(iou, keep, masks[keep.any(1)].float())
 
     @staticmethod
     def _masks(md: nn.Module, image: Encoded, hyper: torch.Tensor, src: torch.Tensor,
@@ -239,9 +243,10 @@ class Sam2Runner:
         return _masks(hyper, up)
 
     def upsample(self, low_res: torch.Tensor, image: Encoded) -> torch.Tensor:
-        """float32 [K, H, W] logits in the image's pixels (``SAM2Transforms.postprocess_masks``)."""
+        """float32 [R, M, H, W] logits in the image's pixels from [R, M, h, w]
+        (``SAM2Transforms.postprocess_masks``)."""
         with torch.inference_mode():
-            return self.transforms.postprocess_masks(low_res[:, None], image.hw)[:, 0]
+            return self.transforms.postprocess_masks(low_res, image.hw)
 
 
 def make_runner(generation: str, model: nn.Module, *, min_region_area: int = 0,
