@@ -5,7 +5,7 @@ checked equal (masks byte for byte, boxes, scores within 1e-6) before any number
 
     python benchmarks/sam.py --model sam2-hiera-t --points-per-side 8 --pred-iou-thresh median
 
-``--pred-iou-thresh median``: random weights predict IoUs in a narrow band, so the official
+``--pred-iou-thresh median`` (or qNN, a percentile): random weights predict IoUs in a narrow band, so the official
 default (0.88 SAM, 0.8 SAM 2) would drop every mask; the median of the image's predicted IoUs
 keeps about half of them, as the default does for a trained network. Results: docs/benchmarks.md.
 """
@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--min-side", type=int, default=480)
     ap.add_argument("--max-side", type=int, default=640)
     ap.add_argument("--points-per-side", type=int, default=8)
-    ap.add_argument("--pred-iou-thresh", default="median", help="a number, or 'median'")
+    ap.add_argument("--pred-iou-thresh", default="median",
+                    help="a number, 'median', or qNN (that percentile of the predicted IoUs)")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -60,10 +61,11 @@ def main() -> None:
     # stability 0 and NMS 1.0: random weights give no stable mask and near-identical boxes
     base = dict(points_per_side=args.points_per_side, stability_score_thresh=0.0, box_nms_thresh=1.0)
     thresh = args.pred_iou_thresh
-    if thresh == "median":  # of the first image's predicted IoUs, no filter
+    if thresh == "median" or thresh.startswith("q"):  # of the first image's predicted IoUs
         probe = build_proposer(model_config(name=args.model, device="cpu", pred_iou_thresh=0.0,
                                             **base))
-        thresh = float(np.median(probe(images[:1], [0])[0].scores))
+        q = 50.0 if thresh == "median" else float(thresh[1:])
+        thresh = float(np.percentile(probe(images[:1], [0])[0].scores, q))
     settings = dict(base, pred_iou_thresh=float(thresh))
     ours = build_proposer(model_config(name=args.model, device="cpu", **settings))
     ref = _official(args.model, ours.runner.model, settings)

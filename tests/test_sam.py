@@ -407,3 +407,23 @@ def test_show_draws_sam_proposals(tmp_path, capsys):
     assert drawn.shape == original.shape and not np.array_equal(drawn, original)
     assert main(["show", str(image), "--model", "sam2-hiera-t", "--set", "no_such=1"]) == 2
     assert "model.no_such: not a setting of the Segment Anything 2" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_equals_the_official_generator_on_cuda(tmp_path):
+    """On a GPU: the device path (masks kept on the device, the torch RLE encoder) against the
+    official generator on the same GPU, fp32."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    pytest.importorskip("sam2")
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    images, ids = synthetic_images(tmp_path, 2)
+    settings = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.0,
+                    box_nms_thresh=1.0)
+    ours = build_proposer(model_config(name="sam2-hiera-t", device="cuda", **settings))
+    assert ours.device.startswith("cuda")
+    ref = SAM2AutomaticMaskGenerator(ours.runner.model, output_mode="coco_rle", **settings)
+    for im, p in zip(images, ours(images, ids)):
+        assert_same(p, ref.generate(im))
