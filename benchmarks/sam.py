@@ -66,7 +66,8 @@ def main() -> None:
                                             **base))
         q = 50.0 if thresh == "median" else float(thresh[1:])
         thresh = float(np.percentile(probe(images[:1], [0])[0].scores, q))
-    settings = dict(base, pred_iou_thresh=float(thresh))
+    thresh = float(thresh)
+    settings = dict(base, pred_iou_thresh=thresh)
     ours = build_proposer(model_config(name=args.model, device="cpu", **settings))
     ref = _official(args.model, ours.runner.model, settings)
 

@@ -259,7 +259,20 @@ def test_missing_or_wrong_checkpoints_say_which_file_to_get(tmp_path):
 # near 0, so no mask is stable: the stability filter is off here and checked on the tiny SAM)
 
 
-def test_sam2_hiera_t_equals_the_official_generator_with_weights_from_a_file(tmp_path):
+@pytest.fixture
+def two_torch_threads():
+    """Both generators of a comparison run in this process, so they see the same kernels at any
+    thread count: 2 threads halve the wall time on an otherwise idle 2-core CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sam2_hiera_t_equals_the_official_generator_with_weights_from_a_file(tmp_path,
+                                                                             two_torch_threads):
     pytest.importorskip("sam2")
     import torch
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
