@@ -165,10 +165,10 @@ class SamProposer:
         h, w = image.shape[:2]
         x0, y0, x1, y1 = crop.box
         ch, cw = enc.hw
-        # per mask: logits at crop size and at the model's 1024 x 1024 input (SAM's first
-        # interpolation), the binary mask in the image and the RLE working set
         low, kept = dec.low_res, dec.kept                                  # R x M x 256 x 256, R x M
         iou = dec.iou[dec.keep.any(1)]
+        # per prompt, for each of its M masks: logits at crop size and at the model's 1024 x 1024
+        # input (SAM's first interpolation), the binary mask in the image, the RLE working set
         per_prompt = low.shape[1] * (4 * ch * cw + 4 * 1024 * 1024 + 4 * h * w)
         chunk = max(1, int(st.memory_budget_mb * 2 ** 20 // per_prompt))
         for s in range(0, len(low), chunk):
