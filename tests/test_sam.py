@@ -244,7 +244,7 @@ def test_missing_or_wrong_checkpoints_say_which_file_to_get(tmp_path):
                            device="cpu")
     with pytest.raises(StorageError) as err:
         build_proposer(offline)
-    assert str(err.value).startswith("cannot read model.weights http://127.0.0.1:9/")
+    assert "http://127.0.0.1:9/sam_vit_b_01ec64.pth" in str(err.value)
     assert str(err.value).endswith(hint) and "\n" not in str(err.value)
     # a state dict of something else
     wrong = tmp_path / "other.pth"
@@ -440,3 +440,32 @@ def test_cuda_equals_the_official_generator_on_cuda(tmp_path):
     ref = SAM2AutomaticMaskGenerator(ours.runner.model, output_mode="coco_rle", **settings)
     for im, p in zip(images, ours(images, ids)):
         assert_same(p, ref.generate(im))
+
+
+@pytest.mark.parametrize("generation", ["sam", "sam2"])
+def test_shared_first_layer_is_bit_identical(generation):
+    """The decoder's transformer with the first layer's image-side work once per image gives the
+    official transformer's numbers bit for bit (ViT-B's and Hiera-T's decoders, random weights)."""
+    import torch
+
+    from segdist.proposers.sam import PRESETS
+    from segdist.proposers.sam.nets import construct
+    from segdist.proposers.sam.transformer import (attention_core_sam, attention_core_sam2,
+                                                   two_way_shared_image)
+
+    pytest.importorskip("segment_anything" if generation == "sam" else "sam2")
+    torch.manual_seed(0)
+    name = "sam-vit-b" if generation == "sam" else "sam2-hiera-t"
+    net = construct(PRESETS[name], name)
+    if generation == "sam":
+        tr, pe, core = net.mask_decoder.transformer, net.prompt_encoder, attention_core_sam
+    else:
+        tr, pe, core = net.sam_mask_decoder.transformer, net.sam_prompt_encoder, attention_core_sam2
+    with torch.inference_mode():
+        image = torch.randn(1, 256, 64, 64) + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        tokens = torch.randn(7, 7, 256)                                   # 7 prompts x 7 tokens
+        dense_pe = pe.get_dense_pe()
+        official = tr(torch.repeat_interleave(image, 7, 0), torch.repeat_interleave(dense_pe, 7, 0),
+                      tokens)
+        shared = two_way_shared_image(tr, core, image, dense_pe, tokens)
+    assert torch.equal(official[0], shared[0]) and torch.equal(official[1], shared[1])

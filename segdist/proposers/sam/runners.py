@@ -6,7 +6,8 @@ prompts upsampled to full resolution, and the generators filter afterwards. The 
 same official modules and preprocessing on the same batches of prompts, in the same order of
 operations (so the numbers are the same), but the predicted IoU comes out of the transformer before
 the masks do: the mask upscaling runs only for prompts with at least one mask above
-``pred_iou_thresh``, and only those masks are returned and upsampled.
+``pred_iou_thresh``, and only those masks are returned and upsampled. The transformer's first
+layer does its image-side work once per image, not once per prompt (``transformer``).
 
 Why a batch never mixes images: on CPU a prompt's outputs differ in the last bits with its position
 and the batch's size (measured: ~1e-7 in logits and IoU, MKL kernels pick other code paths), so
@@ -28,6 +29,8 @@ import torch
 from torch import nn
 
 from segdist.device import autocast
+from segdist.proposers.sam.transformer import (Core, attention_core_sam, attention_core_sam2,
+                                               two_way_shared_image)
 
 
 @dataclass
@@ -73,6 +76,29 @@ def _masks(hyper: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
     embedding [r, C', h, w] (MaskDecoder.predict_masks' product)."""
     b, c, h, w = upscaled.shape
     return (hyper @ upscaled.view(b, c, h * w)).view(b, hyper.shape[1], h, w)
+
+
+def _transformer(transformer: nn.Module, core: Core, embed: torch.Tensor, dense: torch.Tensor,
+                 pe: torch.Tensor, tokens: torch.Tensor, *, shared: bool, repeat_one: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder's two-way transformer for B prompts of one image: ``embed`` [1, C, h, w],
+    ``dense`` [B, C, h, w] (the prompts' dense embeddings), ``pe`` [1, C, h, w], ``tokens``
+    [B, T, C] -> (tokens [B, T, C], image tokens [B, h*w, C]).
+
+    The inputs are laid out in memory as the official decoders lay them out, since the kernels'
+    last bits depend on it: the image repeated per prompt (contiguous), except SAM 2's decoder,
+    which takes the image as it is for a single prompt (``repeat_one=False``; SAM 2's image
+    embedding is a channels-last view). When no prompt has a mask input (``shared``) the dense
+    embeddings are all the "no mask" one and the first layer's image-side work runs once
+    (:func:`~segdist.proposers.sam.transformer.two_way_shared_image`, bit-identical).
+    """
+    b = len(tokens)
+    if shared and b > 1:
+        return two_way_shared_image(transformer, core, (embed + dense[:1]).contiguous(),
+                                    pe.contiguous(), tokens)
+    src = embed + dense if b == 1 and not repeat_one else \
+        torch.repeat_interleave(embed, b, dim=0) + dense                  # B x C x h x w
+    return transformer(src, torch.repeat_interleave(pe, b, dim=0), tokens)
 
 
 def _kept(iou: torch.Tensor, iou_thresh: float | None) -> torch.Tensor:
@@ -123,10 +149,11 @@ class SamRunner:
                                              masks=mask_input)
             out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
             tokens = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-            src = torch.repeat_interleave(image.embed, b, dim=0) + dense  # B x C x h x w
-            pos = torch.repeat_interleave(m.prompt_encoder.get_dense_pe(), b, dim=0)
-            _, c, h, w = src.shape
-            hs, src = md.transformer(src, pos, tokens)                    # B x T x C, B x hw x C
+            # B x T x C tokens, B x hw x C image tokens
+            hs, src = _transformer(md.transformer, attention_core_sam, image.embed, dense,
+                                   m.prompt_encoder.get_dense_pe(), tokens,
+                                   shared=mask_input is None, repeat_one=True)
+            c, h, w = image.embed.shape[1:]
             iou_all = md.iou_prediction_head(hs[:, 0, :]).float()         # B x 4
             sl = slice(1, None) if multimask else slice(0, 1)
             iou = iou_all[:, sl]
@@ -203,12 +230,10 @@ class Sam2Runner:
             first = [md.obj_score_token.weight] if s else []
             out_tokens = torch.cat([*first, md.iou_token.weight, md.mask_tokens.weight], dim=0)
             tokens = torch.cat((out_tokens.unsqueeze(0).expand(b, -1, -1), sparse), dim=1)
-            # the official decoder repeats the image for a batch of prompts, and takes it as is
-            # for a single prompt: the same values either way
-            src = torch.repeat_interleave(image.embed, b, dim=0) + dense  # B x C x h x w
-            pos = torch.repeat_interleave(m.sam_prompt_encoder.get_dense_pe(), b, dim=0)
-            _, c, h, w = src.shape
-            hs, src = md.transformer(src, pos, tokens)
+            hs, src = _transformer(md.transformer, attention_core_sam2, image.embed, dense,
+                                   m.sam_prompt_encoder.get_dense_pe(), tokens,
+                                   shared=mask_input is None, repeat_one=False)
+            c, h, w = image.embed.shape[1:]
             iou_all = md.iou_prediction_head(hs[:, s, :])                 # B x 4
             hyper = _hyper_in(md, hs[:, s + 1:s + 1 + md.num_mask_tokens, :])
             if multimask:
