@@ -1,13 +1,15 @@
 """Segment Anything proposers: SAM (ViT-B/L/H) and SAM 2 / 2.1 (Hiera-T/S/B+/L) automatic mask
 generation, on the official model code (the ``segment-anything`` and ``sam2`` packages, the
-optional extra ``segdist[sam]``).
+optional extras ``segdist[sam]`` and ``segdist[sam2]``).
 
 This module is the family's door: the presets (:data:`SAM_PRESETS`, :data:`SAM2_PRESETS`: the
 official network and checkpoint file of each), the config classes (:class:`SamConfig`,
 :class:`Sam2Config`: the official generators' parameters with their defaults) and the builders
 :func:`build_sam`, :func:`build_sam2`. The rest of the package: ``grid`` (crops and point grids),
 ``nets`` (the official networks, weights, install errors), ``runners`` (image encoding and batched
-prompt decoding per model generation), ``generator`` (the automatic mask generator, a Proposer).
+prompt decoding per model generation), ``transformer`` (the decoder's transformer, its first
+layer's image side once per image), ``generator`` (the automatic mask generator, a Proposer),
+``regions`` (SAM's small-region removal).
 Nothing here imports torch or the SAM packages: validating a config does not load them.
 """
 
