@@ -265,6 +265,43 @@ def test_coco_json_file_contents(tmp_path):
     assert cocojson.encode_segm(props, gzip_output=True) == open(info["segm"]["uri"], "rb").read()
 
 
+def _reference_json(props, kind: str) -> bytes:
+    """The COCO results text written record by record with json.dumps (what the bulk encoder must
+    reproduce byte for byte)."""
+    records = []
+    for p in props:
+        for k in range(len(p)):
+            rec = {"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k])}
+            if kind == "segm":
+                rec["segmentation"] = {"size": [p.height, p.width], "counts": p.counts[k].decode()}
+            else:
+                rec["bbox"] = [float(v) for v in p.boxes[k]]
+            records.append(json.dumps(rec, separators=(",", ":")))
+    return ("[" + ",\n".join(records) + "]\n").encode("ascii")
+
+
+def test_coco_json_bytes_equal_a_record_by_record_writer():
+    rng = np.random.default_rng(8)
+    props = []
+    for i in range(12):
+        n = 0 if i % 4 == 0 else int(rng.integers(1, 40))
+        scores = np.sort(rng.random(n).astype(np.float32) * 10.0 ** int(rng.integers(-9, 9)))[::-1]
+        boxes = rng.random((n, 4)).astype(np.float32) * 700
+        if i % 2:
+            boxes = np.round(boxes)  # tight boxes of masks: whole numbers, written as ints + ".0"
+        if i % 3 == 1 and n:
+            boxes[0, 1] = -0.0
+        # every character RLE strings use (48..111), backslash (92) included
+        counts = [bytes(rng.integers(48, 112, int(rng.integers(1, 25))).astype(np.uint8))
+                  for _ in range(n)]
+        props.append(ImageProposals(1000 + i, int(rng.integers(1, 900)), int(rng.integers(1, 900)),
+                                    scores.copy(), boxes, counts, "deepmask"))
+    assert any(b"\\" in c for p in props for c in p.counts)
+    for kind, encode in (("segm", cocojson.encode_segm), ("bbox", cocojson.encode_bbox)):
+        assert encode(props) == _reference_json(props, kind)
+        assert encode(props[:1]) == encode([]) == b"[]\n"  # no proposals: an empty list
+
+
 def _ellipse(h, w, cy, cx, ry, rx):
     y, x = np.mgrid[:h, :w]
     return (((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1).astype(np.uint8)

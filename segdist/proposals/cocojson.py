@@ -22,6 +22,7 @@ back and casting to float32 gives the identical bits.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -42,39 +43,54 @@ def _check_finite(p: ImageProposals) -> None:
         raise ValueError(f"image {p.image_id}: scores and boxes must be finite to be written as JSON")
 
 
-def _reprs(values: np.ndarray) -> list[str]:
-    """``repr`` of each value widened to float64, computed in bulk (the list's repr formats every
-    element with float.__repr__ in C)."""
+def _reprs(values: np.ndarray) -> list[bytes]:
+    """``repr`` of each value widened to float64 as ASCII bytes, computed in bulk (the list's repr
+    formats every element with float.__repr__ in C)."""
     if values.size == 0:
         return []
-    return repr(values.astype(np.float64).reshape(-1).tolist())[1:-1].split(", ")
+    return repr(values.astype(np.float64).reshape(-1).tolist()).encode("ascii")[1:-1].split(b", ")
 
 
-def _records_segm(p: ImageProposals) -> list[str]:
+def _interleave(first: bytes, columns: Sequence[Sequence[bytes] | bytes], last: bytes) -> bytes:
+    """``first + (row_0 + sep) + ... + row_n`` where each row is its columns' items concatenated
+    (a ``bytes`` column repeats in every row) and the last row ends with ``last`` instead of the
+    separator (the final column); one ``join`` in C for the whole image."""
+    n = max(len(c) for c in columns if not isinstance(c, bytes))
+    cols = [itertools.repeat(c, n) if isinstance(c, bytes) else c for c in columns]
+    parts = list(itertools.chain.from_iterable(zip(*cols)))
+    parts[-1] = last
+    return first + b"".join(parts)
+
+
+def _image_segm(p: ImageProposals) -> bytes:
+    """The records of one image, one per line, comma-separated (b"" for an image without any)."""
     if p.counts is None:
         if not len(p):
-            return []
+            return b""
         raise ValueError(f"image {p.image_id} has box-only proposals (counts=None): no segm file")
     if not len(p):
-        return []
-    head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
-    size = f',"segmentation":{{"size":[{int(p.height)},{int(p.width)}],"counts":"'
+        return b""
+    head = b'{"image_id":%d,"category_id":%d,"score":' % (int(p.image_id), CATEGORY_ID)
+    size = b',"segmentation":{"size":[%d,%d],"counts":"' % (int(p.height), int(p.width))
     # counts use the characters 48..111: of these only the backslash needs a JSON escape, so all
     # strings are escaped in one pass (joined by a byte they never contain)
-    counts = b"\n".join(p.counts).decode("ascii").replace("\\", "\\\\").split("\n")
-    return [head + sc + size + c + '"}}' for sc, c in zip(_reprs(p.scores), counts)]
+    counts = b"\n".join(p.counts).replace(b"\\", b"\\\\").split(b"\n")
+    return _interleave(head, [_reprs(p.scores), size, counts, b'"}},\n' + head], b'"}}')
 
 
-def _records_bbox(p: ImageProposals) -> list[str]:
-    head = f'{{"image_id":{int(p.image_id)},"category_id":{CATEGORY_ID},"score":'
-    scores = _reprs(p.scores)
+def _image_bbox(p: ImageProposals) -> bytes:
+    if not len(p):
+        return b""
+    head = b'{"image_id":%d,"category_id":%d,"score":' % (int(p.image_id), CATEGORY_ID)
     b = p.boxes.astype(np.float64)
     if _integral(b):  # tight boxes of masks: repr(float(n)) is str(n) + ".0", far cheaper
-        return [f'{head}{sc},"bbox":[{x}.0,{y}.0,{w}.0,{h}.0]}}'
-                for sc, (x, y, w, h) in zip(scores, b.astype(np.int64).tolist())]
-    r = _reprs(b)
-    return [f'{head}{sc},"bbox":[{r[4 * i]},{r[4 * i + 1]},{r[4 * i + 2]},{r[4 * i + 3]}]}}'
-            for i, sc in enumerate(scores)]
+        v = repr(b.astype(np.int64).reshape(-1).tolist()).encode("ascii")[1:-1].split(b", ")
+        x, y, w, h, sep, end = v[0::4], v[1::4], v[2::4], v[3::4], b".0,", b".0]},\n"
+    else:
+        v = _reprs(b)
+        x, y, w, h, sep, end = v[0::4], v[1::4], v[2::4], v[3::4], b",", b"]},\n"
+    return _interleave(head, [_reprs(p.scores), b',"bbox":[', x, sep, y, sep, w, sep, h,
+                              end + head], end[:-2])
 
 
 def _integral(v: np.ndarray) -> bool:
@@ -83,9 +99,9 @@ def _integral(v: np.ndarray) -> bool:
                 and not np.any(np.signbit(v) & (v == 0)))
 
 
-def _join(records: Iterable[str]) -> bytes:
+def _join(images: Iterable[bytes]) -> bytes:
     # One result per line: still one JSON list, but diffable and greppable.
-    return ("[" + ",\n".join(records) + "]\n").encode("ascii")
+    return b"[" + b",\n".join(text for text in images if text) + b"]\n"
 
 
 def _maybe_gzip(data: bytes, compress: bool) -> bytes:
@@ -103,14 +119,14 @@ def encode_segm(proposals: Sequence[ImageProposals], *, gzip_output: bool = Fals
     """
     for p in proposals:
         _check_finite(p)
-    return _maybe_gzip(_join(r for p in proposals for r in _records_segm(p)), gzip_output)
+    return _maybe_gzip(_join(_image_segm(p) for p in proposals), gzip_output)
 
 
 def encode_bbox(proposals: Sequence[ImageProposals], *, gzip_output: bool = False) -> bytes:
     """COCO results JSON of the boxes: ``"bbox": [x, y, w, h]`` (COCO xywh, pixels) and score."""
     for p in proposals:
         _check_finite(p)
-    return _maybe_gzip(_join(r for p in proposals for r in _records_bbox(p)), gzip_output)
+    return _maybe_gzip(_join(_image_bbox(p) for p in proposals), gzip_output)
 
 
 def load_results(data: bytes, source: str = "<bytes>") -> list[dict[str, Any]]:
