@@ -90,6 +90,24 @@ def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:
     return read_tree(out)
 
 
+def pycocotools_segm_stats(annotations: str, props) -> list[float]:
+    """pycocotools' class-agnostic segm COCOeval (maxDets 10, 100, 1000) over proposals, as one
+    results list: the numbers ``segdist evaluate`` must reproduce (stats[6:9] = AR@10/100/1000)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    gt = COCO(annotations)
+    results = [{"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k]),
+                "segmentation": {"size": [p.height, p.width], "counts": p.counts[k].decode()}}
+               for p in props for k in range(len(p))]
+    e = COCOeval(gt, gt.loadRes(results), "segm")
+    e.params.useCats, e.params.maxDets = 0, [10, 100, 1000]
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    return list(e.stats)
+
+
 def read_tree(uri: str, storage_options: dict | None = None, dirs=("parquet", "coco-json")
               ) -> dict[str, bytes]:
     """{path relative to uri: bytes} of every file under the given sub-folders."""

@@ -22,7 +22,7 @@ from segdist.job.driver import run_job
 from segdist.proposals.store import open_proposals
 from segdist.proposals.types import ImageProposals
 from segdist.proposers import PROPOSERS, Proposer, build_proposer, config_class
-from test_job import ROOT, job_config, make_data, mtimes, read_tree
+from test_job import ROOT, job_config, make_data, mtimes, pycocotools_segm_stats, read_tree
 
 PRESETS = ["deepmask", "sharpmask", "deepmask-zoom", "sharpmask-zoom", "deepmask-zoom2",
            "sharpmask-zoom2", "maskrcnn", "maskrcnn-v2", "maskrcnn-rpn"]
@@ -161,8 +161,6 @@ def test_sliding_window_on_any_image_size():
 
 
 def test_sliding_window_generate_and_evaluate_from_the_command_line(ray_cluster, tmp_path):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     from segdist.cli import main
 
@@ -179,18 +177,10 @@ def test_sliding_window_generate_and_evaluate_from_the_command_line(ray_cluster,
 
     (run,) = json.loads((out / "eval" / "eval.json").read_text())["runs"]
     # the same numbers as one pycocotools COCOeval over the proposals the job wrote
-    gt = COCO(data["annotations"])
     props = list(open_proposals(str(out)).iter_images())
     assert len(props) == 8 and all(len(p) == 200 for p in props)
-    results = [{"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k]),
-                "segmentation": {"size": [p.height, p.width], "counts": p.counts[k].decode()}}
-               for p in props for k in range(len(p))]
-    e = COCOeval(gt, gt.loadRes(results), "segm")
-    e.params.useCats, e.params.maxDets = 0, [10, 100, 1000]
-    e.evaluate()
-    e.accumulate()
-    e.summarize()
-    assert run["segm"]["metrics"]["AR@100"] == pytest.approx(e.stats[7], abs=1e-12)
+    stats = pycocotools_segm_stats(data["annotations"], props)
+    assert run["segm"]["metrics"]["AR@100"] == pytest.approx(stats[7], abs=1e-12)
     assert run["segm"]["metrics"]["AR@100"] > 0.05  # a baseline, but it does find the shapes
 
 

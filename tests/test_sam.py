@@ -27,7 +27,7 @@ from segdist.errors import ConfigError, StorageError
 from segdist.proposals.types import ImageProposals
 from segdist.proposers import PROPOSERS, build_proposer, config_class
 from segdist.proposers.sam import SAM2_PRESETS, SAM_PRESETS, Sam2Config, SamConfig
-from test_job import make_data
+from test_job import make_data, pycocotools_segm_stats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -328,9 +328,6 @@ def vit_b_run(request, tmp_path_factory):
 
 
 def test_generate_with_sam_vit_b_writes_chunks_manifest_and_ar(vit_b_run):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     from segdist.cli import main
     from segdist.proposals.store import open_proposals
 
@@ -343,16 +340,8 @@ def test_generate_with_sam_vit_b_writes_chunks_manifest_and_ar(vit_b_run):
     assert max(len(p) for p in props) == 10 and all(p.model == "sam-vit-b" for p in props)
     assert main(["evaluate", "--proposals", str(out), "--dataset", str(config), "--no-progress"]) == 0
     (run,) = json.loads((out / "eval" / "eval.json").read_text())["runs"]
-    gt = COCO(data["annotations"])
-    results = [{"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k]),
-                "segmentation": {"size": [p.height, p.width], "counts": p.counts[k].decode()}}
-               for p in props for k in range(len(p))]
-    e = COCOeval(gt, gt.loadRes(results), "segm")
-    e.params.useCats, e.params.maxDets = 0, [10, 100, 1000]
-    e.evaluate()
-    e.accumulate()
-    e.summarize()
-    assert run["segm"]["metrics"]["AR@10"] == pytest.approx(e.stats[6], abs=1e-12)
+    stats = pycocotools_segm_stats(data["annotations"], props)
+    assert run["segm"]["metrics"]["AR@10"] == pytest.approx(stats[6], abs=1e-12)
 
 
 def test_sam_vit_b_proposals_of_the_job_equal_the_official_generator(vit_b_run):
