@@ -290,6 +290,7 @@ def test_workers_killed_twice_all_at_once_fail_no_chunk(ray_cluster, tmp_path, m
     ids = _ids(data)
     chunk_of = {image_id: k // CHUNK for k, image_id in enumerate(ids)}
     records = [Path(state.chunk_record_uri(out, i)) for i in range(3)]
+    idle_chunks: set[int] = set()  # what the idle worker had committed before the first kill
 
     def one_idle_one_busy() -> set[int] | None:
         held: dict[int, set[int]] = {}
@@ -298,7 +299,10 @@ def test_workers_killed_twice_all_at_once_fail_no_chunk(ray_cluster, tmp_path, m
         done = {i for i, r in enumerate(records) if r.exists()}
         idle = [pid for pid, chunks in held.items() if chunks and chunks <= done]
         busy = [pid for pid, chunks in held.items() if chunks - done]
-        return set(held) if len(held) == 2 and idle and busy else None
+        if len(held) == 2 and idle and busy:
+            idle_chunks.update(held[idle[0]])
+            return set(held)
+        return None
 
     def replacements_built_one_in_a_chunk(first: set[int]) -> set[int] | None:
         built = {c["pid"] for c in read_calls(calls) if c.get("built")} - first
@@ -323,9 +327,12 @@ def test_workers_killed_twice_all_at_once_fail_no_chunk(ray_cluster, tmp_path, m
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["timings"]["workers_replaced"] == 4
     attempts = [json.loads(rec.read_text())["attempt"] for rec in records]
-    # The idle worker's chunk: one attempt. The busy worker's two ran through the first kill (one
-    # attempt each) and at least one of them through the second; none lost one to a dead worker.
-    assert sorted(attempts)[0] == 1 and sorted(attempts)[1:] in ([2, 3], [3, 3]), attempts
+    # The idle worker's chunk: one attempt. An attempt is charged only to a chunk that had started
+    # on a killed worker: at the first kill the busy worker's (its second chunk may still have been
+    # queued), at the second the one a replacement was in (and the other's, if it had started);
+    # none to a dead worker a chunk was merely sent to. So 2 to 4 failed attempts in all.
+    assert len(idle_chunks) == 1 and all(attempts[i] == 1 for i in idle_chunks), (idle_chunks, attempts)
+    assert 2 <= sum(attempts) - 3 <= 4, attempts
     assert manifest["timings"]["failed_attempts"] == sum(attempts) - 3
     _every_image_once(out, ids)
     assert read_tree(out) == reference_files(cfg, str(tmp_path / "ref"))
