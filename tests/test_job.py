@@ -15,6 +15,7 @@ from typing import Any
 
 import fsspec
 import pytest
+import yaml
 
 from segdist.config import JobConfig, validate
 from segdist.errors import SegdistError
@@ -48,6 +49,13 @@ def job_config(dataset: dict, out: str, out_options: dict | None = None, model: 
         "resources": {"num_workers": 2, "cpus_per_worker": 1, "decode_threads": 2,
                       "max_chunk_attempts": 3, "max_actor_restarts": 3, **resources},
     })
+
+
+def config_file(cfg: JobConfig, folder: Path) -> Path:
+    """``cfg`` written as ``folder/job.yaml``, the file a user passes to ``segdist generate``."""
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
 
 
 def reference_files(cfg: JobConfig, out: str) -> dict[str, bytes]:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from fault_proposer import Fault, FaultyBuilder, read_calls
 from segdist.cli import main as cli_main
@@ -28,7 +27,8 @@ from segdist.job import state
 from segdist.job.driver import run_job
 from segdist.proposals.store import open_proposals
 from segdist.proposers import PROPOSERS
-from test_job import CHUNK, ROOT, job_config, make_data, mtimes, read_tree, reference_files
+from test_job import (CHUNK, ROOT, config_file, job_config, make_data, mtimes, read_tree,
+                      reference_files)
 
 
 def _ids(data: dict) -> list[int]:
@@ -76,8 +76,7 @@ def test_chunk_that_keeps_failing_is_reported_and_the_rest_completes(ray_cluster
     data = make_data(str(tmp_path / "data"), 16)
     out = str(tmp_path / "out")
     cfg = job_config(data, out, num_workers=1, max_chunk_attempts=2, max_actor_restarts=5)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config = config_file(cfg, tmp_path)
     fault("exit", data, 2)  # every attempt at chunk 2 kills its worker
 
     rc = cli_main(["generate", str(config), "--no-progress"])
@@ -111,8 +110,7 @@ def test_driver_killed_mid_run_then_rerun_skips_committed_chunks(ray_cluster, tm
     data = make_data(str(tmp_path / "data"), 16)
     out = str(tmp_path / "out")
     cfg = job_config(data, out, num_workers=1)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config = config_file(cfg, tmp_path)
     # A separate driver process (with the fault installed) joins the session's cluster; its worker
     # stalls forever in chunk 2, so the driver is certainly mid-run when it is killed. Chunk 2 is
     # handed out once chunk 0 or 1 has committed; the stall holds the worker's model lock, so the
@@ -190,8 +188,7 @@ def test_sigterm_stops_the_run_like_ctrl_c_and_the_rerun_completes(ray_cluster, 
     data = make_data(str(tmp_path / "data"), 20)
     out = str(tmp_path / "out")
     cfg = job_config(data, out, num_workers=1)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config = config_file(cfg, tmp_path)
     # The CLI as a user runs it, on its own embedded Ray (what `timeout`, Kubernetes or Slurm would
     # stop with SIGTERM); stopped once its first chunk is committed, with four chunks to go (the
     # chunk in flight beside it may still commit before its worker is stopped).

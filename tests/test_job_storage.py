@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import free_port
 from fault_proposer import FaultyBuilder, read_calls
 from segdist.cli import main as cli_main
 from segdist.proposers import PROPOSERS
-from test_job import ROOT, TINY_MODEL, job_config, make_data, read_tree, reference_files
+from test_job import ROOT, TINY_MODEL, config_file, job_config, make_data, read_tree, reference_files
 
 OUTAGE_S = 20.0
 _UNAVAILABLE = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>ServiceUnavailable</Code>'
@@ -131,8 +130,7 @@ def test_storage_outages_mid_run_and_at_the_manifest_are_ridden_through(
     calls = str(tmp_path / "calls.jsonl")
     monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls))
     cfg = job_config(data, out, opts)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config = config_file(cfg, tmp_path)
     # Down when a worker first writes a chunk file (mid-run), and when the driver writes the
     # manifest (after every chunk committed).
     server.triggers = [("PUT", "/run/parquet/chunk-"), ("PUT", "/run/manifest.json")]
@@ -225,8 +223,7 @@ def test_bucket_deleted_mid_run_fails_fast_with_the_reason(ray_cluster, outage_s
     calls = str(tmp_path / "calls.jsonl")
     monkeypatch.setitem(PROPOSERS, "deepmask", FaultyBuilder(calls=calls))
     cfg = job_config(data, f"s3://{bucket}/run", opts, num_workers=1)
-    config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    config = config_file(cfg, tmp_path)
 
     def delete_bucket() -> None:
         for _ in range(100):  # the other chunk in flight may add a file meanwhile
