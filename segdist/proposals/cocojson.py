@@ -64,12 +64,10 @@ def _interleave(first: bytes, columns: Sequence[Sequence[bytes] | bytes], last: 
 
 def _image_segm(p: ImageProposals) -> bytes:
     """The records of one image, one per line, comma-separated (b"" for an image without any)."""
-    if p.counts is None:
-        if not len(p):
-            return b""
-        raise ValueError(f"image {p.image_id} has box-only proposals (counts=None): no segm file")
     if not len(p):
         return b""
+    if p.counts is None:
+        raise ValueError(f"image {p.image_id} has box-only proposals (counts=None): no segm file")
     head = b'{"image_id":%d,"category_id":%d,"score":' % (int(p.image_id), CATEGORY_ID)
     size = b',"segmentation":{"size":[%d,%d],"counts":"' % (int(p.height), int(p.width))
     # counts use the characters 48..111: of these only the backslash needs a JSON escape, so all

@@ -11,6 +11,7 @@ mask (rows, then columns): the shapes do not depend on the windows, so a slab ne
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -91,3 +92,20 @@ def paste_geometry(probs: torch.Tensor, boxes: torch.Tensor
     w = (ib[:, 2] - ib[:, 0] + 1).clamp(min=1).double()
     h = (ib[:, 3] - ib[:, 1] + 1).clamp(min=1).double()
     return padded, ib[:, 1].double(), ib[:, 0].double(), h, w
+
+
+def slab_end(heights: np.ndarray, widths: np.ndarray, start: int, budget: int,
+             per_mask: int = 0) -> tuple[int, int, int, bool]:
+    """The longest slab of masks from ``start`` whose canvases fit ``budget`` bytes.
+
+    A slab pastes every mask on one canvas as large as its largest image: ~10 bytes per canvas
+    pixel and mask (the float product, the mask and its validity, the RLE's change map and work),
+    plus ``per_mask`` bytes of each mask's own working set. ``heights``, ``widths``: int64 [K],
+    each mask's image size. Returns (end, canvas height, canvas width, mixed): masks
+    [start, end) form the slab (at least one), ``mixed`` when their images differ in size."""
+    hm, wm = np.maximum.accumulate(heights[start:]), np.maximum.accumulate(widths[start:])
+    cost = np.arange(1, len(hm) + 1) * (10 * hm * wm + per_mask)          # non-decreasing
+    end = start + max(1, int(np.searchsorted(cost, budget, side="right")))
+    hmax, wmax = int(hm[end - start - 1]), int(wm[end - start - 1])
+    mixed = bool((heights[start:end] != hmax).any() or (widths[start:end] != wmax).any())
+    return end, hmax, wmax, mixed

@@ -44,7 +44,7 @@ from segdist.proposers.dense.pool import Candidates
 from segdist.proposers.dense.pyramid import (STRIDE, Level, plan_tiles, pyramid_images,
                                              pyramid_levels)
 from segdist.proposers.dense.settings import InferenceSettings
-from segdist.proposers.paste import paste_batch
+from segdist.proposers.paste import paste_batch, slab_end
 
 
 @dataclass
@@ -347,46 +347,21 @@ def _encode(model, cand: Candidates, bufs: list[torch.Tensor], geometry: np.ndar
     encoder = SlabEncoder(cand.logits.device)
     o = model.mask_size
     thr = _threshold_logit(settings)
-    h, w = geometry.T if k else (np.zeros(0, np.int64),) * 2
-    # bytes per window, per canvas pixel: the float product (4), the mask and its validity
-    # (2), the RLE's change map and work (4); plus the mask head's output and (SharpMask) the
-    # refinement's working set per logit
+    h, w = geometry.T
     budget = settings.memory_budget_mb * 2 ** 20
     s = 0
     while s < k:
-        # the longest slab from s whose canvas (its largest image, per window) fits the budget
-        hm, wm = np.maximum.accumulate(h[s:]), np.maximum.accumulate(w[s:])
-        cost = np.arange(1, k - s + 1) * (10 * hm * wm + 32 * o * o)      # non-decreasing
-        e = s + max(1, int(np.searchsorted(cost, budget, side="right")))
-        hmax, wmax = int(hm[e - s - 1]), int(wm[e - s - 1])
+        # per window beside its canvas: the mask head's output and (SharpMask) the refinement's
+        # working set, ~32 B per logit
+        e, hmax, wmax, mixed = slab_end(h, w, s, budget, per_mask=32 * o * o)
         part = cand.take(slice(s, e))
         logits = _mask_logits(model, part, bufs, settings)
         masks = paste_batch(logits, part.tops, part.lefts, part.win_h, part.win_w, part.heights,
                             part.widths, hmax, wmax, thr)
         del logits
-        mixed = bool((h[s:e] != hmax).any() or (w[s:e] != wmax).any())
         encoder.add(masks, part.heights if mixed else None, part.widths if mixed else None)
         del masks
         s = e
     rles, boxes, _, extra_h = encoder.finish(extra)
-    return rles, boxes.astype(np.float32), extra_h
+    return rles, boxes, extra_h
 
-
-def propose(model, images: torch.Tensor, image_ids: Sequence[int], settings: InferenceSettings,
-            name: str) -> list[ImageProposals]:
-    """Proposals for one batch of same-size images (stage 1 then stage 2).
-
-    Args:
-        model: a DeepMask or SharpMask in eval mode (or any object with the dense protocol, see
-            the module docstring), on the device of ``images``.
-        images: uint8 [B, 3, H, W] RGB.
-        image_ids: the B images' ids.
-        settings: the pyramid, k, threshold, NMS, memory settings.
-        name: the preset recorded with the proposals.
-    Returns:
-        one ImageProposals per image: at most k, sorted by score, masks at H x W.
-    """
-    levels = run_levels(model, images, settings)
-    b, _, h, w = images.shape
-    batch = Batch(list(range(b)), [int(i) for i in image_ids], h, w, levels)
-    return finish(model, [batch], settings, name, b)

@@ -52,12 +52,12 @@ class DenseProposer:
         """Bytes stage 1 keeps per image until stage 2 (score and embedding maps, extras maps)."""
         pad, f = self.model.cfg.i_sz // 2, self.model.cfg.f_sz
         fc = getattr(getattr(self.model, "cfg", None), "fc_dim", 512)
+        extras = sum(step * step * 64 for step, _ in getattr(self.model, "extras_layout", ()))
         total = 0
         for lv in pyramid_levels(height, width, self.settings):
             gh = math.ceil((lv.height + 2 * pad) / STRIDE)
             gw = math.ceil((lv.width + 2 * pad) / STRIDE)
             cells = (gh - f + 1) * (gw - f + 1)
-            extras = sum(step * step * 64 for step, _ in getattr(self.model, "extras_layout", ()))
             total += 4 * (cells * (fc + 1) + gh * gw * extras)
         return 2 * total  # the maps, and their flat copies while candidates are gathered
 
@@ -73,10 +73,10 @@ class DenseProposer:
         pending: list[Batch] = []
         held = 0
         for (h, w), members in groups.items():
-            cap = self.batch_cap(h, w)
+            cap, per_image = self.batch_cap(h, w), self.kept_bytes(h, w)
             for s in range(0, len(members), cap):
                 part = members[s:s + cap]
-                kept = self.kept_bytes(h, w) * len(part)
+                kept = per_image * len(part)
                 if pending and held + kept > room:
                     self._finish(pending, out)
                     pending, held = [], 0

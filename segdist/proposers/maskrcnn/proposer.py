@@ -22,7 +22,7 @@ from segdist.device import autocast
 from segdist.errors import ConfigError
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.interface import check_images
-from segdist.proposers.paste import paste_batch, paste_geometry
+from segdist.proposers.paste import paste_batch, paste_geometry, slab_end
 
 
 def _xyxy_to_xywh(b: torch.Tensor) -> torch.Tensor:
@@ -144,7 +144,6 @@ class MaskRCNNProposer:
             starts = torch.tensor(np.cumsum([0] + n_det[:-1]), device=dev)
             rank = torch.arange(len(order), device=dev) - starts[img]
             order = order[rank < self.k]
-        img = img[order]
         boxes, scores = boxes[order], scores[order]
         labels = torch.cat([d["labels"] for d in dets])[order]
         probs = torch.cat([d["masks"] for d in dets])[order][:, 0]     # K x 28 x 28
@@ -154,19 +153,11 @@ class MaskRCNNProposer:
         encoder = SlabEncoder(dev)
         if len(order):
             padded, tops, lefts, wh, ww = paste_geometry(probs, boxes)
-            budget = self.budget
             s = 0
             while s < len(hw):
-                # the longest slab whose canvas (its largest image: float product, mask, RLE
-                # work, ~10 B per pixel and mask) fits the budget
-                hm = np.maximum.accumulate(hw[s:, 0])
-                wm = np.maximum.accumulate(hw[s:, 1])
-                cost = np.arange(1, len(hw) - s + 1) * 10 * hm * wm
-                e = s + max(1, int(np.searchsorted(cost, budget, side="right")))
-                hmax, wmax = int(hm[e - s - 1]), int(wm[e - s - 1])
+                e, hmax, wmax, mixed = slab_end(hw[:, 0], hw[:, 1], s, self.budget)
                 masks = paste_batch(padded[s:e], tops[s:e], lefts[s:e], wh[s:e], ww[s:e],
                                     heights[s:e], widths[s:e], hmax, wmax, self.mask_threshold)
-                mixed = bool((hw[s:e] != (hmax, wmax)).any())
                 encoder.add(masks, heights[s:e] if mixed else None, widths[s:e] if mixed else None)
                 del masks
                 s = e
@@ -175,7 +166,6 @@ class MaskRCNNProposer:
         counts, boxes_h, _, host = encoder.finish(extra)
         host = host.view(np.float32)
         sc, lb = host[:len(order)], host[len(order):].astype(np.int32)
-        boxes_h = boxes_h.astype(np.float32)
         out, start = [], 0
         for iid, (h, w), n in zip(image_ids, sizes, keep_n):
             out.append(ImageProposals(int(iid), h, w, sc[start:start + n], boxes_h[start:start + n],
