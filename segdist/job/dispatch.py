@@ -310,17 +310,15 @@ class Dispatcher:
                 slot.started.add(index)
             return
         self._finished(run, ref)
+        if current and slot.solo and not slot.inflight:
+            slot.solo = False
         if isinstance(value, BaseException):
-            if current and slot.solo and not slot.inflight:
-                slot.solo = False
             # A permanent storage error (no bucket, access denied, no space: the worker already
             # retried the transient ones) fails the same way on every attempt: fail fast.
             cause = getattr(value, "cause", value)
             permanent = isinstance(cause, StorageError) and not cause.transient
             self._attempt_failed(run, index, _short(value), give_up=permanent)
             return
-        if current and slot.solo and not slot.inflight:
-            slot.solo = False
         if current:
             # The budget counts consecutive losses: a long run on preemptible nodes may lose many
             # workers over a day, and a slot that makes progress is healthy.
