@@ -164,6 +164,54 @@ def test_missing_images_policy(tmp_path):
     assert s["image_id"] == 3 and s["proposals"]["boxes"].shape == (0, 4) and "image" not in s
 
 
+def test_folder_dataset_items_have_the_true_image_size(tmp_path):
+    """An image folder lists no sizes (records say 0 x 0): each item's height/width are the sizes
+    the written proposals carry (Parquet metadata, COCO-JSON RLE size), or, where the proposals
+    carry none (box-only COCO results), the decoded image's; GT masks take the same size."""
+    from segdist.data.images import load_images
+    from segdist.data.ids import hashed_id
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    sizes = {"a.png": (20, 36), "sub/b.png": (44, 18), "sub/c.png": (31, 31)}
+    rng = np.random.default_rng(5)
+    for name, (h, w) in sizes.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / name)
+    dataset = load_images(str(root))
+    assert {r.file_name: (r.height, r.width) for r in dataset.images} == {n: (0, 0) for n in sizes}
+    truth = {hashed_id(n): s for n, s in sizes.items()}
+
+    def written(masks):  # what a worker writes: the decoded size, two proposals per image
+        out = []
+        for image_id, (h, w) in truth.items():
+            m = np.zeros((h, w, 2), np.uint8, order="F")
+            m[2:9, 3:12, 0], m[:, :5, 1] = 1, 1
+            rles = mask_utils.encode(m)
+            out.append(ImageProposals(image_id, h, w, np.float32([0.9, 0.4]),
+                                      mask_utils.toBbox(rles),
+                                      [r["counts"] for r in rles] if masks else None, "test"))
+        return out
+
+    layout.write_chunk(str(tmp_path / "masks"), 0, written(True), ["parquet", "coco-json"])
+    layout.write_chunk(str(tmp_path / "boxes"), 0, written(False), ["coco-json"])
+    for uri in (str(tmp_path / "masks"), str(tmp_path / "masks" / "coco-json")):
+        data = ProposalDataset(uri, dataset, load_images=False)
+        for s in map(data.__getitem__, range(len(data))):
+            assert (s["height"], s["width"]) == truth[s["image_id"]], uri
+            m = s["proposals"]["masks"].decode()
+            assert tuple(m.shape) == (2, *truth[s["image_id"]]) and m[1, :, :5].all()
+            assert tuple(s["gt"]["masks"].decode().shape) == (0, *truth[s["image_id"]])
+    # Box-only COCO results carry no size: the decoded image gives it (0 x 0 without images).
+    boxes = str(tmp_path / "boxes" / "coco-json")
+    assert open_proposals(boxes).get(hashed_id("a.png")).height == 0
+    data = ProposalDataset(boxes, dataset, load_images=True)
+    for s in map(data.__getitem__, range(len(data))):
+        assert (s["height"], s["width"]) == truth[s["image_id"]] == tuple(s["image"].shape[1:])
+    data = ProposalDataset(boxes, dataset, load_images=False)
+    assert {(data[i]["height"], data[i]["width"]) for i in range(len(data))} == {(0, 0)}
+
+
 def test_dataloader_workers_from_s3_match_reading_api(tmp_path, s3_bucket):
     bucket, so = s3_bucket
     dataset, props = synthetic_set(tmp_path / "images", n_images=10, n_props=40)

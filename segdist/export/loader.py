@@ -3,7 +3,10 @@
 ``ProposalDataset(proposals_uri, dataset)`` is a map-style ``torch.utils.data.Dataset`` over the
 images of a COCO-format :class:`~segdist.data.records.Dataset`. A sample (a dict) holds:
 
-- ``image_id`` (int), ``uri`` (str), ``height``/``width`` (int, from the dataset records);
+- ``image_id`` (int), ``uri`` (str), ``height``/``width`` (int): the dataset record's size, else
+  (an image folder lists none) the size the proposals were written with (Parquet metadata,
+  COCO-JSON masks), else the decoded image's; 0 only for box-only COCO results read with
+  ``load_images=False``;
 - ``image``: uint8 Tensor[3, H, W] RGB (only with ``load_images=True``; decoded with
   :func:`segdist.imageio.read_image`);
 - ``gt``: ``boxes`` float32 Tensor[M, 4] **xyxy** in pixels, ``labels`` int64[M] (COCO
@@ -176,10 +179,22 @@ class ProposalDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
         p = self.proposals(record.image_id)
+        rgb = None
+        if self.load_images:
+            from segdist.imageio import read_image
+
+            rgb = read_image(record.uri, self.image_storage_options)  # H x W x 3 uint8
+        # An image folder lists no sizes (0 x 0); the worker wrote the size it decoded with the
+        # proposals, so the image is decoded for its size only when they lack it too.
+        height, width = record.height, record.width
+        if not (height and width):
+            height, width = p.height, p.width
+        if not (height and width) and rgb is not None:
+            height, width = rgb.shape[:2]
         sample: dict[str, Any] = {
             "image_id": record.image_id, "uri": record.uri,
-            "height": record.height, "width": record.width,
-            "gt": self._gt(record.image_id, record.height, record.width),
+            "height": int(height), "width": int(width),
+            "gt": self._gt(record.image_id, height, width),
             "proposals": {
                 "boxes": torch.from_numpy(xywh_to_xyxy(p.boxes)),
                 "scores": torch.from_numpy(p.scores.copy()),
@@ -187,10 +202,7 @@ class ProposalDataset(torch.utils.data.Dataset):
                 "labels": None if p.labels is None else torch.from_numpy(p.labels.astype(np.int64)),
             },
         }
-        if self.load_images:
-            from segdist.imageio import read_image
-
-            rgb = read_image(record.uri, self.image_storage_options)  # H x W x 3 uint8
+        if rgb is not None:
             sample["image"] = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         return sample
 
