@@ -3,9 +3,11 @@
 Networks come from the official packages only (``segment_anything.sam_model_registry``, sam2's
 ``build_sam2`` with its packaged Hydra config), so a checkpoint of the official release loads
 into exactly the network it was trained as. Weights are seeded random (tests, plumbing) or a
-state-dict file from any fsspec URI (the official ``.pth`` / ``.pt`` files are plain state dicts,
-SAM 2's wrapped as ``{"model": ...}``), loaded with ``weights_only=True``; the sha256 of its bytes
-is what the proposer reports. Every failure is one line that says what to install or to get.
+state-dict file from any fsspec URI read by :func:`segdist.models.weights.read_state_dict` (the
+official ``.pth`` / ``.pt`` files are plain state dicts, SAM 2's wrapped as ``{"model": ...}``,
+which it unwraps; safetensors too; torch files with ``weights_only=True``); the sha256 of the
+file's bytes is what the proposer reports. Every failure is one line that says what to install or
+to get.
 """
 
 from __future__ import annotations
@@ -73,8 +75,7 @@ def load_network(name: str, preset: "SamPreset", weights: WeightsRef,
     """
     import torch
 
-    from segdist.models.weights import parse_state_dict, sha256_bytes
-    from segdist.storage import read_bytes
+    from segdist.models.weights import read_state_dict
 
     if weights.kind == "random":
         with torch.random.fork_rng(devices=[]):
@@ -82,16 +83,10 @@ def load_network(name: str, preset: "SamPreset", weights: WeightsRef,
             return construct(preset, name), None
     model = construct(preset, name)  # the package check comes before a large download
     try:
-        data = read_bytes(weights.uri, storage_options)
-    except StorageError as exc:
+        state, sha256 = read_state_dict(weights.uri, storage_options)
+    except StorageError as exc:  # missing, unreadable, offline (storage errors are translated)
         raise StorageError(f"model.weights: {exc}; {weights_help}") from None
-    except Exception as exc:  # fsspec backends raise their own types (aiohttp errors offline)
-        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
-        raise StorageError(f"cannot read model.weights {weights.uri} ({type(exc).__name__}: "
-                           f"{detail}); {weights_help}") from None
-    try:
-        state = parse_state_dict(data, weights.uri)
-    except SegdistError as exc:
+    except SegdistError as exc:  # bytes that are not a state dict
         raise ConfigError(f"model.weights: {exc}; {weights_help}") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -103,4 +98,4 @@ def load_network(name: str, preset: "SamPreset", weights: WeightsRef,
             f"model.weights {weights.uri} is not a {name} checkpoint ({len(missing)} missing "
             f"tensors, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. {unexpected[:2]}); "
             f"{weights_help}")
-    return model.eval(), sha256_bytes(data)
+    return model.eval(), sha256
