@@ -91,6 +91,12 @@ def _images(n: int, w: int, h: int, seed: int):
     return out
 
 
+def _mix_images(sizes: list[tuple[int, int]]):
+    """One :func:`_images` image per ``(width, height)`` of ``sizes`` (the profile's size mix),
+    image ``i`` seeded ``100 + i``: the same pixels for ``--size mix`` and ``--profile``."""
+    return [_images(1, w, h, seed=100 + i)[0] for i, (w, h) in enumerate(sizes)]
+
+
 def _rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -112,8 +118,7 @@ def _measure(spec: dict) -> dict:
     gen = build_proposer(cfg)
     if spec["size"] == "mix":  # the profile's COCO-like size mix
         from segdist.commands.bench_profile import size_mix
-        imgs = _images(1, 320, 240, seed=0) + [_images(1, w, h, seed=100 + i)[0]
-                                               for i, (w, h) in enumerate(size_mix(spec["n"]))]
+        imgs = _images(1, 320, 240, seed=0) + _mix_images(size_mix(spec["n"]))
     else:
         w, h = spec["size"]
         imgs = _images(1, 320, 240, seed=0) + _images(spec["n"], w, h, seed=1)
@@ -175,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(json.dumps(_measure(spec)))
         return 0
-    from segdist.proposers import PROPOSERS, config_class
+    from segdist.proposers import PROPOSERS
 
     presets = list(PROPOSERS) if args.presets == "all" else [p.strip() for p in args.presets.split(",")]
     bad = [p for p in presets if p not in PROPOSERS]
@@ -190,15 +195,8 @@ def run(args: argparse.Namespace) -> int:
         workloads.append(("big", _size(args.big), 1, args.big_max_side))
     rows = []
     for preset in presets:
-        family = config_class(preset).model_fields  # each family takes the options it has
         for label, size, n, max_side in workloads:
-            model = dict(name=preset, proposals=args.proposals, device=args.device,
-                         precision=args.precision, batch_size=args.batch_size,
-                         memory_budget_mb=args.memory_budget_mb)
-            for key, value in (("trunk", args.trunk), ("channels_last", args.channels_last),
-                               ("max_image_side", max_side)):
-                if key in family:
-                    model[key] = value
+            model = _model(args, preset, max_image_side=max_side)
             res = _spawn({"model": model, "size": size, "n": n, "threads": args.threads,
                           "window": args.window})
             name = "size mix" if size == "mix" else f"{size[0]}x{size[1]}"
@@ -206,29 +204,42 @@ def run(args: argparse.Namespace) -> int:
                        + (f" (max side {max_side})" if max_side else ""), images=n)
             rows.append(res)
             _print_row(res)
-    if args.json:
+    return _report(args.json, rows)
+
+
+def _model(args: argparse.Namespace, preset: str, **options) -> dict:
+    """The model config dict (for :func:`segdist.config.model_config`) of ``preset`` from the
+    command's options; ``trunk``, ``channels_last`` and the extra ``options`` go only to the
+    families whose config has them."""
+    from segdist.proposers import config_class
+
+    family = config_class(preset).model_fields
+    model = dict(name=preset, proposals=args.proposals, device=args.device,
+                 precision=args.precision, batch_size=args.batch_size,
+                 memory_budget_mb=args.memory_budget_mb)
+    for key, value in {"trunk": args.trunk, "channels_last": args.channels_last, **options}.items():
+        if key in family:
+            model[key] = value
+    return model
+
+
+def _report(path: str | None, rows: list[dict]) -> int:
+    """Write ``rows`` as JSON to ``path`` (atomically; nothing without a path); the exit code:
+    1 when a measurement failed."""
+    if path:
         from segdist.storage import atomic_write
 
-        atomic_write(args.json, json.dumps(rows, indent=2).encode())
+        atomic_write(path, json.dumps(rows, indent=2).encode())
     return 0 if all("error" not in r for r in rows) else 1
 
 
 def _run_profile(args: argparse.Namespace, presets: list[str]) -> int:
     """``--profile``: one child per preset over the size mix; a table row each (and JSON)."""
-    from segdist.proposers import config_class
-
     rows = []
     print("| preset | images | ops/img | syncs/img | TFLOP/img | trunk TFLOP/img (untiled) | "
           "host ms/img: decode, RLE host, COCO-JSON, Parquet | peak RSS MB | img/s (counting) |")
     for preset in presets:
-        family = config_class(preset).model_fields
-        model = dict(name=preset, proposals=args.proposals, device=args.device,
-                     precision=args.precision, batch_size=args.batch_size,
-                     memory_budget_mb=args.memory_budget_mb)
-        for key, value in (("trunk", args.trunk), ("channels_last", args.channels_last)):
-            if key in family:
-                model[key] = value
-        res = _spawn({"profile": True, "model": model, "n": args.images, "seed": 0,
+        res = _spawn({"profile": True, "model": _model(args, preset), "n": args.images, "seed": 0,
                       "window": args.window, "threads": args.threads})
         res.update(preset=preset)
         rows.append(res)
@@ -243,11 +254,7 @@ def _run_profile(args: argparse.Namespace, presets: list[str]) -> int:
               f"{h['decode']:.1f}, {h.get('rle_host', 0):.2f}, "
               f"{h.get('coco_json_segm', 0) + h['coco_json_bbox']:.2f}, {h['parquet']:.2f} | "
               f"{res['peak_rss_mb']:.0f} | {res['images_per_s_counting']:.3f} |", flush=True)
-    if args.json:
-        from segdist.storage import atomic_write
-
-        atomic_write(args.json, json.dumps(rows, indent=2).encode())
-    return 0 if all("error" not in r for r in rows) else 1
+    return _report(args.json, rows)
 
 
 def _print_row(r: dict) -> None:

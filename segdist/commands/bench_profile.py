@@ -87,7 +87,7 @@ def measure(spec: dict) -> dict:
     from segdist.imageio import decode_image
     from segdist.proposals import cocojson, parquet
     from segdist.proposers import build_proposer
-    from segdist.commands.bench import _images
+    from segdist.commands.bench import _images, _mix_images
     from segdist.profiling import OpCounter, profiling
 
     if spec.get("threads"):
@@ -96,7 +96,7 @@ def measure(spec: dict) -> dict:
     sizes = size_mix(n, spec.get("seed", 0))
     with assume_gpu_path():  # build and run as on a GPU (BatchNorm folding, device RLE coder)
         gen = build_proposer(model_config(**spec["model"]))
-        images = [_images(1, w, h, seed=100 + i)[0] for i, (w, h) in enumerate(sizes)]
+        images = _mix_images(sizes)
         blobs = [_jpeg(im) for im in images]
         t0 = time.thread_time()
         decoded = [decode_image(b, f"synthetic-{i}.jpg") for i, b in enumerate(blobs)]
