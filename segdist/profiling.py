@@ -24,10 +24,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# ops whose result the host must wait for (the output size or value is data-dependent)
+# ops whose result the host must wait for (the output size or value is data-dependent);
+# torchvision's ``nms`` is one: its CUDA kernel copies the suppression mask to the host
 SYNC_OPS = frozenset({"_local_scalar_dense", "item", "nonzero", "nonzero_numpy", "unique",
                       "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
-                      "nonzero_static"})
+                      "nonzero_static", "nms"})
 
 _STAGES: list[Counter | None] = [None]  # the active profile's host-stage CPU seconds
 

@@ -154,14 +154,17 @@ def measure(spec: dict) -> dict:
 
 
 def _region_torchvision(proposer, counter) -> None:
-    """Attribute what torchvision's own modules dispatch (Mask R-CNN: transform, backbone, RPN,
-    ROI heads) to the region "torchvision", and its class-wise batched NMS to "torchvision-nms"."""
+    """Attribute what torchvision's own modules dispatch (Mask R-CNN: the transform, backbone,
+    RPN head and anchors, box and mask heads) to the region "torchvision"; the rest (proposal
+    filtering, NMS, pooling, paste-back, RLE) stays "ours"."""
     model = getattr(proposer, "model", None)
-    parts = [getattr(model, n, None) for n in ("transform", "backbone", "rpn", "roi_heads")]
-    if not all(parts):
+    if not all(hasattr(model, n) for n in ("transform", "backbone", "rpn", "roi_heads")):
         return
-    import torchvision.ops.boxes as tvboxes
-
+    heads = model.roi_heads
+    parts = [model.transform, model.backbone, model.rpn.head, model.rpn.anchor_generator,
+             heads.box_head, heads.box_predictor]
+    if heads.has_mask():
+        parts += [heads.mask_head, heads.mask_predictor]
     stack = []
 
     def pre(_m, _a):
@@ -175,12 +178,3 @@ def _region_torchvision(proposer, counter) -> None:
     for p in parts:
         p.register_forward_pre_hook(pre)
         p.register_forward_hook(post)
-    for name in ("_batched_nms_vanilla", "_batched_nms_coordinate_trick"):
-        fn = getattr(tvboxes, name, None)
-        if fn is None:
-            continue
-
-        def wrapped(*a, _fn=fn, **k):
-            with counter.region("torchvision-nms"):
-                return _fn(*a, **k)
-        setattr(tvboxes, name, wrapped)  # this child process only measures

@@ -22,6 +22,7 @@ from segdist.device import autocast
 from segdist.errors import ConfigError
 from segdist.proposals.types import ImageProposals
 from segdist.proposers.interface import check_images
+from segdist.proposers.maskrcnn.stages import Boxes, detections, mask_probabilities, rpn_proposals
 from segdist.proposers.paste import paste_batch, paste_geometry, slab_end
 
 
@@ -78,80 +79,72 @@ class MaskRCNNProposer:
         return max(1, len(images))
 
     def _batch(self, images: list[torch.Tensor], image_ids: Sequence[int]) -> list[ImageProposals]:
-        """uint8 [3, H, W] RGB tensors on the model's device -> proposals per image."""
-        from torchvision.models.detection.transform import resize_boxes
-
+        """uint8 [3, H, W] RGB tensors on the model's device -> proposals per image. The network's
+        modules are torchvision's; what runs between them per image in torchvision (proposal
+        filtering, NMS, detection post-processing, pooling by level) runs for the batch at once
+        (:mod:`.stages`: a fixed set of ops and one host read per NMS)."""
         model = self.model
+        heads = model.roi_heads
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        nms_budget = self.budget // 4
         with torch.inference_mode():
             il, _ = model.transform([im.float() / 255.0 for im in images])
             feats = model.backbone(il.tensors)
+            props = rpn_proposals(model.rpn, il, feats,
+                                  None if self.mode == "rpn" else heads.box_roi_pool,
+                                  budget_bytes=nms_budget)
             if self.mode == "rpn":
-                boxes, scores = self._rpn(il, feats)
-                out = []
-                for iid, b, s, (h, w), isz in zip(image_ids, boxes, scores, sizes, il.image_sizes):
-                    b = resize_boxes(b, isz, (h, w))
-                    order = torch.sort(s, descending=True, stable=True).indices[: self.k]
-                    out.append(ImageProposals(
-                        int(iid), h, w, s[order].float().cpu().numpy(),
-                        _xyxy_to_xywh(b[order]).float().cpu().numpy(), None, self.name))
-                return out
-            props, _ = model.rpn(il, feats)
-            dets, _ = model.roi_heads(feats, props, il.image_sizes)
-            del feats, props
-            return self._masks(image_ids, dets, il.image_sizes, sizes)
+                return self._rpn(image_ids, props, il.image_sizes, sizes)
+            dets = detections(heads, feats, props, il.image_sizes, budget_bytes=nms_budget)
+            del props
+            probs = mask_probabilities(heads, feats, dets)
+            del feats
+            return self._masks(image_ids, dets, probs, il.image_sizes, sizes)
 
-    def _rpn(self, il, feats) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """RPN boxes and objectness probabilities (RegionProposalNetwork.forward drops scores)."""
-        from torchvision.models.detection.rpn import concat_box_prediction_layers
-
-        rpn = self.model.rpn
-        fl = list(feats.values())
-        objectness, deltas = rpn.head(fl)
-        anchors = rpn.anchor_generator(il, fl)
-        per_level = [o[0].numel() for o in objectness]
-        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
-        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(len(anchors), -1, 4)
-        return rpn.filter_proposals(proposals, objectness, il.image_sizes, per_level)
-
-    def _masks(self, image_ids: Sequence[int], dets: list[dict], image_sizes, sizes
-               ) -> list[ImageProposals]:
-        """Masks of all images of a batch at once: boxes back to each image's frame, each image's
-        top k by score, then paste-back and RLE of all masks together in slabs sized by the
-        memory budget (a fixed number of ops and one sync per slab, none per image or mask; one
-        device-to-host copy per batch)."""
-        from segdist.proposals.rle import SlabEncoder
-
-        dev = self._device
-        n_det = [len(d["scores"]) for d in dets]                       # host-known shapes
-        b = len(dets)
-        img = torch.repeat_interleave(torch.arange(b, device=dev),
-                                      torch.tensor(n_det, device=dev), output_size=sum(n_det))
-        # torchvision's resize_boxes arithmetic (float32 original / resized size per axis), for
-        # all images at once
+    def _to_image_frame(self, boxes: torch.Tensor, counts: list[int], image_sizes, sizes
+                        ) -> torch.Tensor:
+        """Boxes [K, 4] (x1, y1, x2, y2) of the resized images, image-major with ``counts`` per
+        image, back in each original image's pixels (torchvision's ``resize_boxes`` arithmetic:
+        float32 original / resized size per axis)."""
+        dev = boxes.device
+        img = torch.repeat_interleave(torch.arange(len(counts), device=dev),
+                                      torch.tensor(counts, device=dev), output_size=len(boxes))
         both = torch.tensor([[*hw, *rhw] for hw, rhw in zip(sizes, image_sizes)],
                             dtype=torch.float32, device=dev)           # B x (h, w, rh, rw)
         ratios = (both[:, :2] / both[:, 2:])[img]                      # K x (ry, rx)
-        boxes = torch.cat([d["boxes"] for d in dets])
-        boxes = torch.stack([boxes[:, 0] * ratios[:, 1], boxes[:, 1] * ratios[:, 0],
-                             boxes[:, 2] * ratios[:, 1], boxes[:, 3] * ratios[:, 0]], 1)
-        scores = torch.cat([d["scores"] for d in dets])
-        # each image's detections by score, descending (stable), then images in order
-        order = torch.sort(scores, descending=True, stable=True).indices
-        order = order[torch.sort(img[order], stable=True).indices]
-        keep_n = [min(self.k, n) for n in n_det]
-        if any(k < n for k, n in zip(keep_n, n_det)):
-            starts = torch.tensor(np.cumsum([0] + n_det[:-1]), device=dev)
-            rank = torch.arange(len(order), device=dev) - starts[img]
-            order = order[rank < self.k]
-        boxes, scores = boxes[order], scores[order]
-        labels = torch.cat([d["labels"] for d in dets])[order]
-        probs = torch.cat([d["masks"] for d in dets])[order][:, 0]     # K x 28 x 28
+        return torch.stack([boxes[:, 0] * ratios[:, 1], boxes[:, 1] * ratios[:, 0],
+                            boxes[:, 2] * ratios[:, 1], boxes[:, 3] * ratios[:, 0]], 1)
+
+    def _rpn(self, image_ids: Sequence[int], props: Boxes, image_sizes, sizes
+             ) -> list[ImageProposals]:
+        """RPN mode: each image's first k proposals (already by objectness, descending), boxes in
+        the image's pixels; one device-to-host copy for the batch."""
+        boxes = _xyxy_to_xywh(self._to_image_frame(props.boxes, props.counts, image_sizes, sizes))
+        host = torch.cat([props.scores.float()[:, None], boxes.float()], 1).cpu().numpy()
+        out, start = [], 0
+        for iid, (h, w), n in zip(image_ids, sizes, props.counts):
+            k = min(n, self.k)
+            out.append(ImageProposals(int(iid), h, w, host[start:start + k, 0].copy(),
+                                      host[start:start + k, 1:].copy(), None, self.name))
+            start += n
+        return out
+
+    def _masks(self, image_ids: Sequence[int], dets: Boxes, probs: torch.Tensor, image_sizes,
+               sizes) -> list[ImageProposals]:
+        """Masks of all images of a batch at once: boxes back to each image's frame, then
+        paste-back and RLE of all masks together in slabs sized by the memory budget (a fixed
+        number of ops and one sync per slab, none per image or mask; one device-to-host copy per
+        batch). ``dets`` holds each image's top k by score, descending; ``probs`` [K, 28, 28]."""
+        from segdist.proposals.rle import SlabEncoder
+
+        dev = self._device
+        keep_n = dets.counts
+        boxes = self._to_image_frame(dets.boxes, keep_n, image_sizes, sizes)
         hw = np.repeat(np.asarray(sizes, np.int64).reshape(-1, 2), keep_n, axis=0)
         heights = torch.from_numpy(hw[:, 0]).to(dev)
         widths = torch.from_numpy(hw[:, 1]).to(dev)
         encoder = SlabEncoder(dev)
-        if len(order):
+        if len(boxes):
             padded, tops, lefts, wh, ww = paste_geometry(probs, boxes)
             s = 0
             while s < len(hw):
@@ -162,13 +155,14 @@ class MaskRCNNProposer:
                 del masks
                 s = e
         # scores and labels travel to the host in the RLE's one copy
-        extra = torch.cat([scores.float(), labels.float()]).contiguous().view(torch.uint8)
+        extra = torch.cat([dets.scores.float(), dets.labels.float()]).contiguous().view(torch.uint8)
         counts, boxes_h, _, host = encoder.finish(extra)
         host = host.view(np.float32)
-        sc, lb = host[:len(order)], host[len(order):].astype(np.int32)
+        n = len(boxes)
+        sc, lb = host[:n], host[n:].astype(np.int32)
         out, start = [], 0
-        for iid, (h, w), n in zip(image_ids, sizes, keep_n):
-            out.append(ImageProposals(int(iid), h, w, sc[start:start + n], boxes_h[start:start + n],
-                                      counts[start:start + n], self.name, lb[start:start + n]))
-            start += n
+        for iid, (h, w), k in zip(image_ids, sizes, keep_n):
+            out.append(ImageProposals(int(iid), h, w, sc[start:start + k], boxes_h[start:start + k],
+                                      counts[start:start + k], self.name, lb[start:start + k]))
+            start += k
         return out

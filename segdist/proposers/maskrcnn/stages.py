@@ -1,0 +1,217 @@
+"""Mask R-CNN inference after the backbone, batched over the images of a batch.
+
+torchvision's ``RegionProposalNetwork.filter_proposals`` and ``RoIHeads.postprocess_detections``
+run per image, and their class- and level-wise NMS loops over the groups (a host sync per group on
+a GPU); its ``MultiScaleRoIAlign`` finds each level's boxes with a ``where`` (a sync per level).
+These stages compute the same numbers for all images of a batch at once:
+
+- :func:`rpn_proposals`: the RPN's head, anchors and box decoding are torchvision's; the per-level
+  top n, clipping, small-box and score filters and the level-wise NMS are batched
+  (:func:`segdist.proposers.nms.grouped_nms`, exactly torchvision's CPU ``nms`` per level).
+- :func:`detections`: the box head (torchvision's modules) on the pooled proposals, then the
+  decoding, softmax, clipping, filters and class-wise NMS of ``postprocess_detections``, batched.
+- :func:`mask_probabilities`: the mask head on the detections, each one's class channel.
+- :func:`pool`: ``MultiScaleRoIAlign`` with the boxes sorted by level and split by counts the host
+  already read with the NMS's answer, so pooling adds no sync.
+
+Coordinates: boxes are (x1, y1, x2, y2) in the frame of the resized image the network saw
+(``image_sizes``: (h, w) per image), as torchvision's inner stages use them. Boxes of a batch
+travel as :class:`Boxes`: one tensor for all images, image-major, with per-image counts on the
+host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from segdist.proposers.nms import grouped_nms
+
+
+@dataclass
+class Boxes:
+    """Boxes of a batch: ``boxes`` [K, 4] image-major, ``counts`` per image (host), ``levels`` [K]
+    (the pooler's level of each box), ``level_counts`` per level (host), optional ``scores`` [K]
+    and ``labels`` [K]."""
+
+    boxes: torch.Tensor
+    counts: list[int]
+    levels: torch.Tensor
+    level_counts: list[int]
+    scores: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def per_image(self) -> list[torch.Tensor]:
+        return list(self.boxes.split(self.counts))
+
+
+def _clip(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """torchvision's ``clip_boxes_to_image`` with a size per row: ``boxes`` [..., 4], ``sizes``
+    [..., 2] (h, w), broadcast over the boxes' leading dimensions."""
+    x = boxes[..., 0::2].clamp(min=0)
+    y = boxes[..., 1::2].clamp(min=0)
+    x = torch.minimum(x, sizes[..., 1:2].to(boxes.dtype))
+    y = torch.minimum(y, sizes[..., 0:1].to(boxes.dtype))
+    return torch.stack((x, y), dim=-1).reshape(boxes.shape)
+
+
+def _not_small(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
+    """torchvision's ``remove_small_boxes`` as a mask."""
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+
+
+def _pooler_setup(pooler, feats: dict, image_sizes: Sequence[tuple[int, int]]):
+    """The pooler's feature maps, scales and level mapper (torchvision sets the latter two up on
+    its first call, with a host read, and keeps them)."""
+    from torchvision.ops.poolers import _filter_input, _setup_scales
+
+    maps = _filter_input(feats, pooler.featmap_names)
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            maps, list(image_sizes), pooler.canonical_scale, pooler.canonical_level)
+    return maps
+
+
+def _level_summary(pooler, boxes: torch.Tensor, slot: dict):
+    """A ``grouped_nms`` summary: the pooler's level of every kept box (kept in ``slot``) and the
+    number of kept boxes per level, read with the NMS's answer."""
+    n_levels = len(pooler.scales)
+
+    def summary(index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        picked = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        levels = pooler.map_levels([picked.reshape(-1, 4)]).view(index.shape)
+        slot["levels"] = levels
+        binned = torch.where(mask, levels, n_levels).view(-1)
+        return torch.zeros(n_levels + 1, dtype=torch.int64, device=boxes.device).scatter_add_(
+            0, binned, torch.ones_like(binned))[:n_levels]
+    return summary
+
+
+def _kept_rows(index: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, column) of each image's first ``counts[b]`` entries of ``index`` [B, K],
+    image-major (built on the host from the counts: no sync)."""
+    k = index.shape[1]
+    flat = np.concatenate([b * k + np.arange(c) for b, c in enumerate(counts)] or
+                          [np.zeros(0, np.int64)])
+    flat = torch.from_numpy(flat).to(index.device)
+    return flat // max(k, 1), flat % max(k, 1)
+
+
+def rpn_proposals(rpn: nn.Module, il, feats: dict, pooler=None, *, budget_bytes: int = 2 ** 30
+                  ) -> Boxes:
+    """torchvision's RPN at inference for a batch: its top proposals per image (by objectness
+    probability, descending), their probabilities as ``scores``. With ``pooler``, ``levels`` are
+    the pooler's levels of the proposals (else zeros)."""
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    fl = list(feats.values())
+    objectness, deltas = rpn.head(fl)
+    anchors = rpn.anchor_generator(il, fl)
+    per_level = [o[0].numel() for o in objectness]
+    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+    b = len(anchors)
+    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
+    objectness = objectness.detach().reshape(b, -1)
+    dev = objectness.device
+    level_of = torch.cat([torch.full((n,), i, dtype=torch.int64, device=dev)
+                          for i, n in enumerate(per_level)])
+    top = rpn._get_top_n_idx(objectness, per_level)                           # B x P
+    boxes = proposals.gather(1, top[..., None].expand(-1, -1, 4))
+    prob = torch.sigmoid(objectness.gather(1, top))
+    sizes = torch.tensor(il.image_sizes, device=dev)                          # B x (h, w)
+    boxes = _clip(boxes, sizes[:, None])
+    valid = _not_small(boxes, rpn.min_size) & (prob >= rpn.score_thresh)
+    slot: dict = {}
+    if pooler is not None:
+        _pooler_setup(pooler, feats, il.image_sizes)
+    kept = grouped_nms(boxes, prob, level_of[top], valid, rpn.nms_thresh, rpn.post_nms_top_n(),
+                       group_size=rpn.pre_nms_top_n(), budget_bytes=budget_bytes,
+                       summary=_level_summary(pooler, boxes, slot) if pooler else None)
+    img, col = _kept_rows(kept.index, kept.counts)
+    rows = kept.index[img, col]
+    levels = slot["levels"][img, col] if pooler is not None else torch.zeros_like(rows)
+    return Boxes(boxes[img, rows], kept.counts, levels, kept.summary.tolist(), prob[img, rows])
+
+
+def pool(pooler, feats: dict, rois: Boxes) -> torch.Tensor:
+    """torchvision's ``MultiScaleRoIAlign`` of ``rois`` (``[K, C, *output_size]``, image-major),
+    each level's boxes found by a stable sort on the level and the host's level counts."""
+    from torchvision.ops import roi_align
+
+    from torchvision.ops.poolers import _filter_input
+
+    maps = _filter_input(feats, pooler.featmap_names)
+    dev = rois.boxes.device
+    img = torch.repeat_interleave(torch.arange(len(rois.counts), device=dev),
+                                  torch.tensor(rois.counts, device=dev),
+                                  output_size=len(rois.boxes))
+    roi5 = torch.cat([img[:, None].to(rois.boxes.dtype), rois.boxes], 1)
+    order = torch.sort(rois.levels, stable=True).indices
+    parts = []
+    for level, part in enumerate(order.split(rois.level_counts)):
+        if len(part):
+            parts.append(roi_align(maps[level], roi5[part], output_size=pooler.output_size,
+                                   spatial_scale=pooler.scales[level],
+                                   sampling_ratio=pooler.sampling_ratio))
+    out = torch.zeros((len(rois.boxes), maps[0].shape[1], *pooler.output_size),
+                      dtype=maps[0].dtype, device=dev)
+    if parts:
+        out[order] = torch.cat([p.to(out.dtype) for p in parts])
+    return out
+
+
+def detections(roi_heads: nn.Module, feats: dict, proposals: Boxes,
+               image_sizes: Sequence[tuple[int, int]], *, budget_bytes: int = 2 ** 30) -> Boxes:
+    """The box head and ``postprocess_detections`` for a batch: per image the top
+    ``detections_per_img`` class boxes after the score and size filters and class-wise NMS, by
+    score, descending (ties by proposal, then class); ``labels`` the classes (1..C-1), ``levels``
+    the mask pooler's levels of the boxes."""
+    head = roi_heads
+    dev = proposals.boxes.device
+    x = head.box_head(pool(head.box_roi_pool, feats, proposals))
+    class_logits, box_regression = head.box_predictor(x)
+    pred_boxes = head.box_coder.decode(box_regression, [proposals.boxes])      # K x C x 4
+    pred_scores = torch.softmax(class_logits, -1)                              # K x C
+    counts, b = proposals.counts, len(proposals.counts)
+    sizes = torch.tensor(list(image_sizes), device=dev)
+    img = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(counts, device=dev),
+                                  output_size=len(pred_boxes))
+    pred_boxes = _clip(pred_boxes, sizes[img][:, None])[:, 1:]                 # no background
+    pred_scores = pred_scores[:, 1:]
+    c = pred_scores.shape[1]
+    # the images' proposals side by side: B x R x (C-1), rows past an image's count are padding
+    r = max(counts) if counts else 0
+    slot_rows = torch.from_numpy(np.concatenate(
+        [i * r + np.arange(n) for i, n in enumerate(counts)] or [np.zeros(0, np.int64)])).to(dev)
+    boxes = pred_boxes.new_zeros((b * r, c, 4)).index_copy_(0, slot_rows, pred_boxes)
+    scores = pred_scores.new_zeros((b * r, c)).index_copy_(0, slot_rows, pred_scores)
+    present = torch.zeros(b * r, dtype=torch.bool, device=dev).index_fill_(0, slot_rows, True)
+    boxes, scores = boxes.view(b, r * c, 4), scores.view(b, r * c)            # (proposal, class)
+    valid = (present.view(b, r, 1).expand(b, r, c).reshape(b, r * c)
+             & (scores > head.score_thresh) & _not_small(boxes, 1e-2))
+    labels = torch.arange(1, c + 1, device=dev).repeat(r)[None].expand(b, -1)
+    mask_pooler = head.mask_roi_pool if head.has_mask() else None
+    slot: dict = {}
+    if mask_pooler is not None:
+        _pooler_setup(mask_pooler, feats, image_sizes)
+    kept = grouped_nms(boxes, scores, labels, valid, head.nms_thresh, head.detections_per_img,
+                       group_size=max(r, 1), prefix=4 * head.detections_per_img,
+                       budget_bytes=budget_bytes,
+                       summary=_level_summary(mask_pooler, boxes, slot) if mask_pooler else None)
+    img, col = _kept_rows(kept.index, kept.counts)
+    rows = kept.index[img, col]
+    levels = slot["levels"][img, col] if mask_pooler is not None else torch.zeros_like(rows)
+    return Boxes(boxes[img, rows], kept.counts, levels, kept.summary.tolist(), scores[img, rows],
+                 labels[img, rows])
+
+
+def mask_probabilities(roi_heads: nn.Module, feats: dict, dets: Boxes) -> torch.Tensor:
+    """``[K, 28, 28]``: each detection's mask probabilities for its own class (torchvision's
+    ``maskrcnn_inference``: the sigmoid of the class's logits)."""
+    x = roi_heads.mask_head(pool(roi_heads.mask_roi_pool, feats, dets))
+    logits = roi_heads.mask_predictor(x)                                       # K x C x 28 x 28
+    return logits[torch.arange(len(logits), device=logits.device), dets.labels].sigmoid()
