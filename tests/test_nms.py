@@ -72,6 +72,18 @@ def test_an_image_gets_the_same_answer_alone_and_in_any_batch():
         assert torch.equal(together.index[b, :n], alone.index[0, :n])
 
 
+def test_the_answer_does_not_depend_on_the_memory_budget():
+    cands = [_candidates(seed, 120, 3) for seed in range(3)]
+    boxes, scores, groups, valid = (torch.stack(t) for t in zip(*cands))
+    answers = []
+    # one row of one image per slab, a few rows, one image, two images, all at once
+    for budget in (1, 120 * 40 * 5, 120 * 119 * 40, 2 * 120 * 119 * 40, 2 ** 30):
+        kept = grouped_nms(boxes, scores, groups, valid, 0.5, 50, group_size=120,
+                           budget_bytes=budget)
+        answers.append([kept.index[b, :n].tolist() for b, n in enumerate(kept.counts)])
+    assert all(a == answers[0] for a in answers) and min(map(len, answers[0])) > 10
+
+
 def test_a_long_chain_of_suppressions_takes_more_rounds_and_stays_exact():
     # boxes in a row, each overlapping the next by IoU 8/12 and the one after by 6/14, scores
     # falling along the row: the greedy answer keeps every other box, and each decision waits for

@@ -155,22 +155,25 @@ def _prefix_pass(boxes, groups, valid, by_rank, n_valid, m, t, keep, group_size,
 def _band(bx: torch.Tensor, groups: torch.Tensor, back: torch.Tensor, inside: torch.Tensor,
           t: float, budget_bytes: int) -> torch.Tensor:
     """``[B, m, w]`` bool: candidate ``q - d - 1`` (same group, earlier) suppresses ``q``, i.e.
-    their float32 IoU exceeds ``t``; computed in slabs of images within ``budget_bytes``."""
+    their float32 IoU exceeds ``t``; computed in slabs (whole images, or rows of one image when
+    an image's band alone exceeds ``budget_bytes``)."""
     b, m, _ = bx.shape
     w = back.shape[1]
-    per_image = m * w * 4 * 10          # ~10 float32 intermediates of the band at once
-    step = max(1, budget_bytes // max(per_image, 1))
-    out = []
-    for s in range(0, b, step):
-        x1, y1, x2, y2 = bx[s:s + step].unbind(-1)                            # S x m each
-        area = (x2 - x1) * (y2 - y1)
-        # p = the earlier candidate (torchvision's "i"), q = the later one ("j")
-        xx1 = torch.maximum(x1[:, back], x1[..., None])
-        yy1 = torch.maximum(y1[:, back], y1[..., None])
-        xx2 = torch.minimum(x2[:, back], x2[..., None])
-        yy2 = torch.minimum(y2[:, back], y2[..., None])
-        inter = (xx2 - xx1).clamp_(min=0) * (yy2 - yy1).clamp_(min=0)
-        iou = inter / (area[:, back] + area[..., None] - inter)
-        g = groups[s:s + step]
-        out.append((iou > t) & (g[:, back] == g[..., None]) & inside)
-    return out[0] if len(out) == 1 else torch.cat(out)
+    rows = max(1, budget_bytes // (w * 4 * 10))  # ~10 float32 intermediates of a row at once
+    images, rows = (max(1, rows // m), m) if rows >= m else (1, rows)
+    out = torch.empty((b, m, w), dtype=torch.bool, device=bx.device)
+    x1, y1, x2, y2 = bx.unbind(-1)                                            # B x m each
+    area = (x2 - x1) * (y2 - y1)
+    for s in range(0, b, images):
+        for r in range(0, m, rows):
+            i, q, p = slice(s, s + images), slice(r, r + rows), back[r:r + rows]
+            # p = the earlier candidate (torchvision's "i"), q = the later one ("j")
+            xx1 = torch.maximum(x1[i][:, p], x1[i, q, None])
+            yy1 = torch.maximum(y1[i][:, p], y1[i, q, None])
+            xx2 = torch.minimum(x2[i][:, p], x2[i, q, None])
+            yy2 = torch.minimum(y2[i][:, p], y2[i, q, None])
+            inter = (xx2 - xx1).clamp_(min=0) * (yy2 - yy1).clamp_(min=0)
+            iou = inter / (area[i][:, p] + area[i, q, None] - inter)
+            g = groups[i]
+            out[i, q] = (iou > t) & (g[:, p] == g[:, q, None]) & inside[q]
+    return out
