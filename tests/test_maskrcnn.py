@@ -197,3 +197,11 @@ def test_weights_enum_offline_says_how_to_pass_a_file(tmp_path, monkeypatch):
         build_maskrcnn(version="v2", weights=WeightsRef("torchvision", "DEFAULT"), **SMALL)
     with pytest.raises(ConfigError, match="unknown"):
         build_maskrcnn(version="v1", weights=WeightsRef("torchvision", "NOT_A_MEMBER"), **SMALL)
+
+
+def test_reduced_precision_on_the_cpu_warns_and_runs_fp32(caplog):
+    with caplog.at_level("WARNING"):
+        gen = build_proposer(model_config(name="maskrcnn", precision="bf16", device="cpu",
+                                          proposals=5, max_image_side=64))
+    assert gen.precision == "fp32"
+    assert "model.precision=bf16 applies on CUDA only; running fp32 on cpu" in caplog.text

@@ -7,6 +7,7 @@ proposal network's boxes, no masks). This module is the family's door (:class:`M
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field
@@ -15,6 +16,8 @@ from segdist.config import ModelConfig
 
 if TYPE_CHECKING:
     from segdist.proposers.maskrcnn.proposer import MaskRCNNProposer
+
+log = logging.getLogger(__name__)
 
 PRESETS = {"maskrcnn": ("v1", "masks"), "maskrcnn-v2": ("v2", "masks"), "maskrcnn-rpn": ("v1", "rpn")}
 RANDOM_SEED = 0  # random weights are deterministic: the same config gives the same proposals
@@ -53,7 +56,11 @@ def build(config: MaskRCNNConfig) -> "MaskRCNNProposer":
                                 storage_options=config.storage_options, seed=RANDOM_SEED, **size)
     if gpu_path(device):
         fold_batchnorm(model.backbone)  # FrozenBatchNorm2d: 1 kernel per conv instead of ~5
-    precision = config.precision if device.type == "cuda" else "fp32"
+    precision = config.precision
+    if device.type != "cuda" and precision != "fp32":
+        log.warning("model.precision=%s applies on CUDA only; running fp32 on %s", precision,
+                    device)
+        precision = "fp32"
     return MaskRCNNProposer(config.name, model.to(device), mode, proposals=config.proposals,
                             memory_budget_mb=config.memory_budget_mb, batch_size=config.batch_size,
                             precision=precision, weights_sha256=sha)

@@ -61,19 +61,19 @@ def _clip(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
 
 def _not_small(boxes: torch.Tensor, min_size: float) -> torch.Tensor:
     """torchvision's ``remove_small_boxes`` as a mask."""
-    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+    return (((boxes[..., 2] - boxes[..., 0]) >= min_size)
+            & ((boxes[..., 3] - boxes[..., 1]) >= min_size))
 
 
-def _pooler_setup(pooler, feats: dict, image_sizes: Sequence[tuple[int, int]]):
-    """The pooler's feature maps, scales and level mapper (torchvision sets the latter two up on
-    its first call, with a host read, and keeps them)."""
+def _pooler_setup(pooler, feats: dict, image_sizes: Sequence[tuple[int, int]]) -> None:
+    """Set up the pooler's scales and level mapper as torchvision does on its first call (with a
+    host read, once; it keeps them)."""
     from torchvision.ops.poolers import _filter_input, _setup_scales
 
-    maps = _filter_input(feats, pooler.featmap_names)
     if pooler.scales is None or pooler.map_levels is None:
+        maps = _filter_input(feats, pooler.featmap_names)
         pooler.scales, pooler.map_levels = _setup_scales(
             maps, list(image_sizes), pooler.canonical_scale, pooler.canonical_level)
-    return maps
 
 
 def _level_summary(pooler, boxes: torch.Tensor, slot: dict):
