@@ -22,7 +22,7 @@ import fsspec
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_ports
 from segdist.job import submission
 from test_job import CHUNK, ROOT, TINY_MODEL, make_data
 
@@ -91,7 +91,7 @@ def ray_head(s3_server):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
     env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
                 "PATH": VENV_BIN + os.pathsep + env.get("PATH", ""), "RAY_USAGE_STATS_ENABLED": "0"})
-    ports = {flag: str(free_port()) for flag in PORT_FLAGS}
+    ports = {flag: str(port) for flag, port in zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)))}
     cmd = [str(Path(VENV_BIN, "ray")), "start", "--head", "--node-ip-address", "127.0.0.1",
            "--dashboard-host", "127.0.0.1", "--num-cpus", "2", "--num-gpus", "0",
            "--temp-dir", temp_dir, "--include-dashboard", "true", "--disable-usage-stats",
