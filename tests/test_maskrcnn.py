@@ -81,7 +81,7 @@ def test_batched_stages_equal_torchvision_per_image(version):
     torchvision's own per-image numbers, bit for bit, for images of three sizes in one batch."""
     from segdist.proposers.maskrcnn import stages
 
-    model, _ = build_maskrcnn(version=version, proposals=60, **SMALL)
+    model, _ = build_maskrcnn(version=version, proposals=25, **SMALL)
     rng = np.random.default_rng(5)
     imgs = [torch.from_numpy(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
             .float() / 255 for h, w in [(90, 120), (120, 80), (100, 100)]]
@@ -99,7 +99,7 @@ def test_batched_stages_equal_torchvision_per_image(version):
         ref, _ = model.roi_heads(feats, props.per_image(), il.image_sizes)
         dets = stages.detections(model.roi_heads, feats, props, il.image_sizes)
         probs = stages.mask_probabilities(model.roi_heads, feats, dets)
-    assert dets.counts == [len(r["scores"]) for r in ref] == [60] * 3
+    assert dets.counts == [len(r["scores"]) for r in ref] == [25] * 3
     for name, ours in (("boxes", dets.boxes), ("scores", dets.scores), ("labels", dets.labels),
                        ("masks", probs)):
         theirs = torch.cat([r[name][:, 0] if name == "masks" else r[name] for r in ref])
@@ -116,21 +116,41 @@ def test_host_syncs_per_batch_do_not_grow_with_the_batch():
     from segdist.profiling import OpCounter, profiling
 
     rng = np.random.default_rng(3)
-    imgs = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(90, 120, 3), (120, 90, 3),
-                                                             (100, 100, 3)]]
+    imgs = [rng.integers(0, 255, (90, 120, 3), dtype=np.uint8) for _ in range(3)]  # one batch
     counts = {}
     with assume_gpu_path():
-        model, _ = build_maskrcnn(version="v1", proposals=40, **SMALL)
-        gen = MaskRCNNProposer("maskrcnn", model, proposals=40, batch_size=3)
+        model, _ = build_maskrcnn(version="v1", proposals=20, **SMALL)
+        gen = MaskRCNNProposer("maskrcnn", model, proposals=20, batch_size=3)
         gen(imgs[:1], [0])  # the poolers' one-off set-up (a host read) happens here
         for n in (1, 3):
             c = OpCounter()
             with torch.inference_mode(), profiling(c, Counter()):
                 out = gen(imgs[:n], list(range(n)))
-            assert [len(p) for p in out] == [40] * n
+            assert [len(p) for p in out] == [20] * n
             counts[n] = c.ops, c.syncs
     assert counts[1][1] == counts[3][1] == 4
     assert counts[3][0] < 1.1 * counts[1][0]
+
+
+def test_batches_hold_one_image_size_in_input_order_out():
+    """torchvision pads a batch to its largest image and the padding reaches every image's
+    features: the proposer batches images of one size only (a window's sizes in any order),
+    so an image's proposals never depend on batch-mates of another size."""
+    model, _ = build_maskrcnn(version="v1", proposals=10, **SMALL)
+    gen = MaskRCNNProposer("maskrcnn", model, proposals=10, batch_size=4)
+    rng = np.random.default_rng(8)
+    shapes = [(90, 120), (120, 90), (90, 120), (100, 100), (90, 120)]
+    imgs = [rng.integers(0, 255, (*s, 3), dtype=np.uint8) for s in shapes]
+    seen = []
+    orig = gen._batch
+    gen._batch = lambda batch, ids: seen.append([tuple(b.shape[1:]) for b in batch]) or orig(batch, ids)
+    out = gen(imgs, [10, 11, 12, 13, 14])
+    assert [p.image_id for p in out] == [10, 11, 12, 13, 14]
+    assert [(p.height, p.width) for p in out] == shapes
+    assert sorted(map(tuple, seen)) == [((90, 120),) * 3, ((100, 100),), ((120, 90),)]
+    # an image of another size batched with it changes nothing: its own batch is the same
+    (first,) = gen(imgs[1:2], [11])
+    assert first.scores.tobytes() == out[1].scores.tobytes() and first.counts == out[1].counts
 
 
 def test_rpn_mode_boxes_and_objectness():

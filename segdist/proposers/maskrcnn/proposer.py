@@ -48,35 +48,39 @@ class MaskRCNNProposer:
         self.device = str(self._device)
 
     def __call__(self, images: Sequence[np.ndarray], image_ids: Sequence[int]) -> list[ImageProposals]:
-        """Proposals per image, in input order (see :class:`segdist.proposers.Proposer`)."""
-        check_images(images, image_ids)
-        out: list[ImageProposals] = []
-        s = 0
-        while s < len(images):
-            n = self._batch_len(images[s:s + self.batch_size])
-            batch = [torch.from_numpy(np.ascontiguousarray(im)).to(self._device).permute(2, 0, 1)
-                     for im in images[s:s + n]]                                # 3 x H x W each
-            with autocast(self._device, self.precision):
-                out.extend(self._batch(batch, image_ids[s:s + n]))
-            s += n
-        return out
+        """Proposals per image, in input order (see :class:`segdist.proposers.Proposer`).
 
-    def _batch_len(self, images: Sequence[np.ndarray]) -> int:
-        """How many of ``images`` (at most ``batch_size``) form the next batch: as many as the
+        Batches hold images of one size only: torchvision pads a batch to its largest image, and
+        the padding reaches into every image's features, so an image's proposals would depend on
+        its batch-mates. Of one size, each image's input is the same alone or batched."""
+        check_images(images, image_ids)
+        out: list[ImageProposals | None] = [None] * len(images)
+        by_size = sorted(range(len(images)), key=lambda i: images[i].shape[:2])  # stable
+        s = 0
+        while s < len(by_size):
+            shape = images[by_size[s]].shape[:2]
+            same = [i for i in by_size[s:s + self.batch_size] if images[i].shape[:2] == shape]
+            n = self._batch_len(len(same), *shape)
+            idx = same[:n]
+            batch = [torch.from_numpy(np.ascontiguousarray(images[i])).to(self._device)
+                     .permute(2, 0, 1) for i in idx]                             # 3 x H x W each
+            with autocast(self._device, self.precision):
+                for i, p in zip(idx, self._batch(batch, [image_ids[i] for i in idx])):
+                    out[i] = p
+            s += n
+        return out  # type: ignore[return-value]
+
+    def _batch_len(self, n: int, h: int, w: int) -> int:
+        """How many of ``n`` images of size ``h`` x ``w`` form the next batch: as many as the
         network's working set fits in half of the memory budget, at least one. The working set,
-        ~1.5 KB per pixel of the padded, resized batch tensor with 1000 detections per image, was
+        ~1.5 KB per pixel of the resized batch tensor with 1000 detections per image, was
         measured on the CPU (a batch of 10 640x480 images resized to 800x1067 peaked at 19.5 GB
         of RSS)."""
         t = self.model.transform
         lo, hi = float(min(t.min_size)), float(t.max_size)
-        hmax = wmax = 0
-        for n, im in enumerate(images):
-            h, w = im.shape[:2]
-            scale = min(lo / min(h, w), hi / max(h, w))
-            hmax, wmax = max(hmax, h * scale), max(wmax, w * scale)
-            if n and (n + 1) * hmax * wmax * 1500 > self.budget // 2:
-                return n
-        return max(1, len(images))
+        scale = min(lo / min(h, w), hi / max(h, w))
+        fits = int((self.budget // 2) // max(h * scale * w * scale * 1500, 1))
+        return max(1, min(n, fits))
 
     def _batch(self, images: list[torch.Tensor], image_ids: Sequence[int]) -> list[ImageProposals]:
         """uint8 [3, H, W] RGB tensors on the model's device -> proposals per image. The network's

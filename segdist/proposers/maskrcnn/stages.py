@@ -211,7 +211,10 @@ def detections(roi_heads: nn.Module, feats: dict, proposals: Boxes,
 
 def mask_probabilities(roi_heads: nn.Module, feats: dict, dets: Boxes) -> torch.Tensor:
     """``[K, 28, 28]``: each detection's mask probabilities for its own class (torchvision's
-    ``maskrcnn_inference``: the sigmoid of the class's logits)."""
+    ``maskrcnn_inference``). The sigmoid runs over every class's logits before the class is
+    picked, as torchvision does: on the CPU a vectorised elementwise op computes the tail of a
+    tensor on another path, so the same values in a smaller tensor can round differently in the
+    last bit."""
     x = roi_heads.mask_head(pool(roi_heads.mask_roi_pool, feats, dets))
-    logits = roi_heads.mask_predictor(x)                                       # K x C x 28 x 28
-    return logits[torch.arange(len(logits), device=logits.device), dets.labels].sigmoid()
+    probs = roi_heads.mask_predictor(x).sigmoid()                             # K x C x 28 x 28
+    return probs[torch.arange(len(probs), device=probs.device), dets.labels]
