@@ -78,38 +78,60 @@ def test_masks_mode_random_weights(version):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_batched_stages_equal_torchvision_per_image(version):
     """The batch-at-once RPN filtering, pooling, detection post-processing and mask head give
-    torchvision's own per-image numbers, bit for bit, for images of three sizes in one batch."""
+    each image torchvision's own numbers for that image alone, bit for bit."""
+    from collections import OrderedDict
+
     from segdist.proposers.maskrcnn import stages
 
     model, _ = build_maskrcnn(version=version, proposals=25, **SMALL)
     rng = np.random.default_rng(5)
-    imgs = [torch.from_numpy(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).permute(2, 0, 1)
-            .float() / 255 for h, w in [(90, 120), (120, 80), (100, 100)]]
+    imgs = [torch.from_numpy(rng.integers(0, 255, (90, 120, 3), dtype=np.uint8)).permute(2, 0, 1)
+            .float() / 255 for _ in range(3)]
     with torch.inference_mode():
         il, _ = model.transform(imgs)
-        feats = model.backbone(il.tensors)
-        ref_props, _ = model.rpn(il, feats)
+        per_image = [model.backbone(il.tensors[i:i + 1]) for i in range(3)]
+        feats = OrderedDict((k, torch.cat([f[k] for f in per_image])) for k in per_image[0])
         props = stages.rpn_proposals(model.rpn, il, feats, model.roi_heads.box_roi_pool)
-        # the same proposals; exactly tied probabilities may come in another order (ours: the
-        # order the per-level top n gave them, torchvision: its unstable final sort)
-        assert props.counts == [len(p) for p in ref_props] and min(props.counts) > 100
-        for a, b, s in zip(ref_props, props.per_image(), props.scores.split(props.counts)):
-            assert torch.equal(torch.unique(a, dim=0), torch.unique(b, dim=0))
-            assert np.all(np.diff(s.numpy()) <= 0)
-        ref, _ = model.roi_heads(feats, props.per_image(), il.image_sizes)
         dets = stages.detections(model.roi_heads, feats, props, il.image_sizes)
         probs = stages.mask_probabilities(model.roi_heads, feats, dets)
-    assert dets.counts == [len(r["scores"]) for r in ref] == [25] * 3
-    for name, ours in (("boxes", dets.boxes), ("scores", dets.scores), ("labels", dets.labels),
-                       ("masks", probs)):
-        theirs = torch.cat([r[name][:, 0] if name == "masks" else r[name] for r in ref])
-        assert torch.equal(ours, theirs), name
+        assert min(props.counts) > 100 and dets.counts == [25] * 3
+        for i, img in enumerate(imgs):
+            il1, _ = model.transform([img])
+            f1 = model.backbone(il1.tensors)
+            ref_props, _ = model.rpn(il1, f1)
+            # the same proposals; exactly tied probabilities may come in another order (ours:
+            # the order the per-level top n gave them, torchvision: its unstable final sort)
+            (mine,) = [p for j, p in enumerate(props.per_image()) if j == i]
+            assert torch.equal(torch.unique(ref_props[0], dim=0), torch.unique(mine, dim=0))
+            (ref,), _ = model.roi_heads(f1, [mine], il1.image_sizes)
+            s, e = sum(dets.counts[:i]), sum(dets.counts[:i + 1])
+            for name, ours in (("boxes", dets.boxes), ("scores", dets.scores),
+                               ("labels", dets.labels), ("masks", probs)):
+                theirs = ref[name][:, 0] if name == "masks" else ref[name]
+                assert torch.equal(ours[s:e], theirs), (i, name)
+
+
+def test_an_image_gets_the_same_proposals_alone_and_in_any_batch():
+    model, _ = build_maskrcnn(version="v1", proposals=15, **SMALL)
+    gen = MaskRCNNProposer("maskrcnn", model, proposals=15, batch_size=3)
+    rng = np.random.default_rng(4)
+    imgs = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(90, 120, 3), (120, 90, 3),
+                                                             (90, 120, 3), (90, 120, 3)]]
+    together = gen(imgs, [0, 1, 2, 3])
+    in_twos = gen(imgs[:2], [0, 1]) + gen(imgs[2:], [2, 3])
+    for i, p in enumerate(together):
+        (alone,) = gen(imgs[i:i + 1], [i])
+        for other in (alone, in_twos[i]):
+            assert other.image_id == p.image_id and other.counts == p.counts
+            assert other.scores.tobytes() == p.scores.tobytes()
+            assert other.boxes.tobytes() == p.boxes.tobytes()
+            assert other.labels.tobytes() == p.labels.tobytes()
 
 
 def test_host_syncs_per_batch_do_not_grow_with_the_batch():
     """On the GPU path a batch costs 4 host reads whatever its size (the RPN's and the
-    detections' NMS answers, the RLE's change positions, the one copy of the results), and
-    nearly the same ops: nothing runs per image but torchvision's resizing."""
+    detections' NMS answers, the RLE's change positions, the one copy of the results); of the ops
+    only the network's modules run per image (for exactness), not the post-processing."""
     from collections import Counter
 
     from segdist.device import assume_gpu_path
@@ -129,7 +151,8 @@ def test_host_syncs_per_batch_do_not_grow_with_the_batch():
             assert [len(p) for p in out] == [20] * n
             counts[n] = c.ops, c.syncs
     assert counts[1][1] == counts[3][1] == 4
-    assert counts[3][0] < 1.1 * counts[1][0]
+    per_image = (counts[3][0] - counts[1][0]) / 2
+    assert per_image < 0.4 * counts[1][0]
 
 
 def test_batches_hold_one_image_size_in_input_order_out():

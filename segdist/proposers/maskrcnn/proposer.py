@@ -12,6 +12,7 @@ Two modes:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -93,7 +94,10 @@ class MaskRCNNProposer:
         nms_budget = self.budget // 4
         with torch.inference_mode():
             il, _ = model.transform([im.float() / 255.0 for im in images])
-            feats = model.backbone(il.tensors)
+            # per image (see .stages), side by side again: N x C x H x W per level
+            per_image = [model.backbone(il.tensors[i:i + 1]) for i in range(len(images))]
+            feats = OrderedDict((k, torch.cat([f[k] for f in per_image])) for k in per_image[0])
+            del per_image
             props = rpn_proposals(model.rpn, il, feats,
                                   None if self.mode == "rpn" else heads.box_roi_pool,
                                   budget_bytes=nms_budget)

@@ -14,6 +14,14 @@ These stages compute the same numbers for all images of a batch at once:
 - :func:`pool`: ``MultiScaleRoIAlign`` with the boxes sorted by level and split by counts the host
   already read with the NMS's answer, so pooling adds no sync.
 
+An image's proposals do not depend on its batch-mates: the network's modules (backbone, RPN
+head, box and mask heads) and every op that is not exact arithmetic (the box decoding's ``exp``,
+the sigmoids) run per image, because on the CPU a convolution or matrix product picks its
+algorithm by batch size and a vectorised elementwise op rounds the tail of its tensor (and of each
+thread's share) on another path; the post-processing between them (filters, NMS, pooling) is exact
+arithmetic and runs for the batch. Images of a batch have one size (torchvision pads a batch to
+its largest image).
+
 Coordinates: boxes are (x1, y1, x2, y2) in the frame of the resized image the network saw
 (``image_sizes``: (h, w) per image), as torchvision's inner stages use them. Boxes of a batch
 travel as :class:`Boxes`: one tensor for all images, image-major, with per-image counts on the
@@ -109,19 +117,22 @@ def rpn_proposals(rpn: nn.Module, il, feats: dict, pooler=None, *, budget_bytes:
     from torchvision.models.detection.rpn import concat_box_prediction_layers
 
     fl = list(feats.values())
-    objectness, deltas = rpn.head(fl)
     anchors = rpn.anchor_generator(il, fl)
-    per_level = [o[0].numel() for o in objectness]
-    objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     b = len(anchors)
-    proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(b, -1, 4)
-    objectness = objectness.detach().reshape(b, -1)
+    objectness, proposals = [], []
+    for i in range(b):  # the head and the box decoding per image (see the module docstring)
+        obj, deltas = rpn.head([f[i:i + 1] for f in fl])
+        per_level = [o[0].numel() for o in obj]
+        obj, deltas = concat_box_prediction_layers(obj, deltas)
+        objectness.append(obj.reshape(-1))
+        proposals.append(rpn.box_coder.decode(deltas, [anchors[i]]).view(-1, 4))
+    objectness, proposals = torch.stack(objectness), torch.stack(proposals)   # B x A (x 4)
     dev = objectness.device
     level_of = torch.cat([torch.full((n,), i, dtype=torch.int64, device=dev)
                           for i, n in enumerate(per_level)])
     top = rpn._get_top_n_idx(objectness, per_level)                           # B x P
     boxes = proposals.gather(1, top[..., None].expand(-1, -1, 4))
-    prob = torch.sigmoid(objectness.gather(1, top))
+    prob = torch.stack([torch.sigmoid(o) for o in objectness.gather(1, top)])
     sizes = torch.tensor(il.image_sizes, device=dev)                          # B x (h, w)
     boxes = _clip(boxes, sizes[:, None])
     valid = _not_small(boxes, rpn.min_size) & (prob >= rpn.score_thresh)
@@ -172,9 +183,12 @@ def detections(roi_heads: nn.Module, feats: dict, proposals: Boxes,
     the mask pooler's levels of the boxes."""
     head = roi_heads
     dev = proposals.boxes.device
-    x = head.box_head(pool(head.box_roi_pool, feats, proposals))
-    class_logits, box_regression = head.box_predictor(x)
-    pred_boxes = head.box_coder.decode(box_regression, [proposals.boxes])      # K x C x 4
+    # the box head and the decoding per image (see the module docstring)
+    outs = [head.box_predictor(head.box_head(x))
+            for x in pool(head.box_roi_pool, feats, proposals).split(proposals.counts)]
+    class_logits = torch.cat([c for c, _ in outs])                             # K x C
+    pred_boxes = torch.cat([head.box_coder.decode(r, [p]) for (_, r), p in
+                            zip(outs, proposals.per_image())])                 # K x C x 4
     pred_scores = torch.softmax(class_logits, -1)                              # K x C
     counts, b = proposals.counts, len(proposals.counts)
     sizes = torch.tensor(list(image_sizes), device=dev)
@@ -211,10 +225,9 @@ def detections(roi_heads: nn.Module, feats: dict, proposals: Boxes,
 
 def mask_probabilities(roi_heads: nn.Module, feats: dict, dets: Boxes) -> torch.Tensor:
     """``[K, 28, 28]``: each detection's mask probabilities for its own class (torchvision's
-    ``maskrcnn_inference``). The sigmoid runs over every class's logits before the class is
-    picked, as torchvision does: on the CPU a vectorised elementwise op computes the tail of a
-    tensor on another path, so the same values in a smaller tensor can round differently in the
-    last bit."""
-    x = roi_heads.mask_head(pool(roi_heads.mask_roi_pool, feats, dets))
-    probs = roi_heads.mask_predictor(x).sigmoid()                             # K x C x 28 x 28
+    ``maskrcnn_inference``): the head and the sigmoid per image, over every class's logits
+    before the class is picked, as torchvision does for a single image."""
+    pooled = pool(roi_heads.mask_roi_pool, feats, dets).split(dets.counts)  # per image
+    probs = torch.cat([roi_heads.mask_predictor(roi_heads.mask_head(x)).sigmoid()
+                       for x in pooled])                                       # K x C x 28 x 28
     return probs[torch.arange(len(probs), device=probs.device), dets.labels]
