@@ -93,14 +93,14 @@ def grouped_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     m = n if prefix is None else min(n, max(prefix, keep))
     checks = 0
     while True:
-        kept_rank, counts, extra, done, c = _prefix_pass(
+        index, counts, extra, done, c = _prefix_pass(
             boxes, groups, valid, by_rank, n_valid, m, t, keep, group_size, rounds,
             budget_bytes, summary)
         checks += c
         if done or m == n:
             break
         m = min(n, 2 * m)
-    return Kept(kept_rank, counts, extra, checks)
+    return Kept(index, counts, extra, checks)
 
 
 def _prefix_pass(boxes, groups, valid, by_rank, n_valid, m, t, keep, group_size, rounds,

@@ -1,4 +1,5 @@
-"""Mask R-CNN inference after the backbone, batched over the images of a batch.
+"""Mask R-CNN inference after the backbone for a batch of images: the network per image, the
+post-processing between its modules for the whole batch.
 
 torchvision's ``RegionProposalNetwork.filter_proposals`` and ``RoIHeads.postprocess_detections``
 run per image, and their class- and level-wise NMS loops over the groups (a host sync per group on
@@ -16,11 +17,11 @@ These stages compute the same numbers for all images of a batch at once:
 
 An image's proposals do not depend on its batch-mates: the network's modules (backbone, RPN
 head, box and mask heads) and every op that is not exact arithmetic (the box decoding's ``exp``,
-the sigmoids) run per image, because on the CPU a convolution or matrix product picks its
-algorithm by batch size and a vectorised elementwise op rounds the tail of its tensor (and of each
-thread's share) on another path; the post-processing between them (filters, NMS, pooling) is exact
-arithmetic and runs for the batch. Images of a batch have one size (torchvision pads a batch to
-its largest image).
+the sigmoids, the pooler's ``log2`` for a box's level) run per image, because on the CPU a
+convolution or matrix product picks its algorithm by batch size and a vectorised elementwise op
+rounds the tail of its tensor (and of each thread's share) on another path; the rest of the
+post-processing (filters, NMS, pooling) is exact arithmetic and runs for the batch. Images of a
+batch have one size (torchvision pads a batch to its largest image).
 
 Coordinates: boxes are (x1, y1, x2, y2) in the frame of the resized image the network saw
 (``image_sizes``: (h, w) per image), as torchvision's inner stages use them. Boxes of a batch
@@ -91,7 +92,8 @@ def _level_summary(pooler, boxes: torch.Tensor, slot: dict):
 
     def summary(index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         picked = boxes.gather(1, index[..., None].expand(-1, -1, 4))
-        levels = pooler.map_levels([picked.reshape(-1, 4)]).view(index.shape)
+        # per image, as every non-exact op (the level takes a log2)
+        levels = torch.stack([pooler.map_levels([p]) for p in picked])       # B x K
         slot["levels"] = levels
         binned = torch.where(mask, levels, n_levels).view(-1)
         return torch.zeros(n_levels + 1, dtype=torch.int64, device=boxes.device).scatter_add_(
