@@ -109,17 +109,14 @@ class MaskRCNNProposer:
             del feats
             return self._masks(image_ids, dets, probs, il.image_sizes, sizes)
 
-    def _to_image_frame(self, boxes: torch.Tensor, counts: list[int], image_sizes, sizes
-                        ) -> torch.Tensor:
-        """Boxes [K, 4] (x1, y1, x2, y2) of the resized images, image-major with ``counts`` per
-        image, back in each original image's pixels (torchvision's ``resize_boxes`` arithmetic:
-        float32 original / resized size per axis)."""
-        dev = boxes.device
-        img = torch.repeat_interleave(torch.arange(len(counts), device=dev),
-                                      torch.tensor(counts, device=dev), output_size=len(boxes))
+    def _to_image_frame(self, found: Boxes, image_sizes, sizes) -> torch.Tensor:
+        """``found``'s boxes [K, 4] (x1, y1, x2, y2) of the resized images back in each original
+        image's pixels (torchvision's ``resize_boxes`` arithmetic: float32 original / resized
+        size per axis)."""
+        boxes, dev = found.boxes, found.boxes.device
         both = torch.tensor([[*hw, *rhw] for hw, rhw in zip(sizes, image_sizes)],
                             dtype=torch.float32, device=dev)           # B x (h, w, rh, rw)
-        ratios = (both[:, :2] / both[:, 2:])[img]                      # K x (ry, rx)
+        ratios = (both[:, :2] / both[:, 2:])[found.image_index()]  # K x (ry, rx)
         return torch.stack([boxes[:, 0] * ratios[:, 1], boxes[:, 1] * ratios[:, 0],
                             boxes[:, 2] * ratios[:, 1], boxes[:, 3] * ratios[:, 0]], 1)
 
@@ -127,7 +124,7 @@ class MaskRCNNProposer:
              ) -> list[ImageProposals]:
         """RPN mode: each image's first k proposals (already by objectness, descending), boxes in
         the image's pixels; one device-to-host copy for the batch."""
-        boxes = _xyxy_to_xywh(self._to_image_frame(props.boxes, props.counts, image_sizes, sizes))
+        boxes = _xyxy_to_xywh(self._to_image_frame(props, image_sizes, sizes))
         host = torch.cat([props.scores.float()[:, None], boxes.float()], 1).cpu().numpy()
         out, start = [], 0
         for iid, (h, w), n in zip(image_ids, sizes, props.counts):
@@ -147,7 +144,7 @@ class MaskRCNNProposer:
 
         dev = self._device
         keep_n = dets.counts
-        boxes = self._to_image_frame(dets.boxes, keep_n, image_sizes, sizes)
+        boxes = self._to_image_frame(dets, image_sizes, sizes)
         hw = np.repeat(np.asarray(sizes, np.int64).reshape(-1, 2), keep_n, axis=0)
         heights = torch.from_numpy(hw[:, 0]).to(dev)
         widths = torch.from_numpy(hw[:, 1]).to(dev)

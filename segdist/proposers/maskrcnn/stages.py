@@ -57,6 +57,13 @@ class Boxes:
     def per_image(self) -> list[torch.Tensor]:
         return list(self.boxes.split(self.counts))
 
+    def image_index(self) -> torch.Tensor:
+        """[K]: the image of each box (from the host's counts: no sync)."""
+        dev = self.boxes.device
+        return torch.repeat_interleave(torch.arange(len(self.counts), device=dev),
+                                       torch.tensor(self.counts, device=dev),
+                                       output_size=len(self.boxes))
+
 
 def _clip(boxes: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """torchvision's ``clip_boxes_to_image`` with a size per row: ``boxes`` [..., 4], ``sizes``
@@ -101,14 +108,19 @@ def _level_summary(pooler, boxes: torch.Tensor, slot: dict):
     return summary
 
 
-def _kept_rows(index: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, column) of each image's first ``counts[b]`` entries of ``index`` [B, K],
-    image-major (built on the host from the counts: no sync)."""
-    k = index.shape[1]
-    flat = np.concatenate([b * k + np.arange(c) for b, c in enumerate(counts)] or
+def _slots(counts: list[int], width: int, device) -> torch.Tensor:
+    """Flat positions ``b * width + j`` for ``j < counts[b]``, image-major: where each image's
+    entries sit in a ``[B, width]`` layout (built on the host from the counts: no sync)."""
+    flat = np.concatenate([b * width + np.arange(c) for b, c in enumerate(counts)] or
                           [np.zeros(0, np.int64)])
-    flat = torch.from_numpy(flat).to(index.device)
-    return flat // max(k, 1), flat % max(k, 1)
+    return torch.from_numpy(flat).to(device)
+
+
+def _kept_rows(index: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, column) of each image's first ``counts[b]`` entries of ``index`` [B, K]."""
+    k = max(index.shape[1], 1)
+    flat = _slots(counts, k, index.device)
+    return flat // k, flat % k
 
 
 def rpn_proposals(rpn: nn.Module, il, feats: dict, pooler=None, *, budget_bytes: int = 2 ** 30
@@ -159,10 +171,7 @@ def pool(pooler, feats: dict, rois: Boxes) -> torch.Tensor:
 
     maps = _filter_input(feats, pooler.featmap_names)
     dev = rois.boxes.device
-    img = torch.repeat_interleave(torch.arange(len(rois.counts), device=dev),
-                                  torch.tensor(rois.counts, device=dev),
-                                  output_size=len(rois.boxes))
-    roi5 = torch.cat([img[:, None].to(rois.boxes.dtype), rois.boxes], 1)
+    roi5 = torch.cat([rois.image_index()[:, None].to(rois.boxes.dtype), rois.boxes], 1)
     order = torch.sort(rois.levels, stable=True).indices
     parts = []
     for level, part in enumerate(order.split(rois.level_counts)):
@@ -194,15 +203,12 @@ def detections(roi_heads: nn.Module, feats: dict, proposals: Boxes,
     pred_scores = torch.softmax(class_logits, -1)                              # K x C
     counts, b = proposals.counts, len(proposals.counts)
     sizes = torch.tensor(list(image_sizes), device=dev)
-    img = torch.repeat_interleave(torch.arange(b, device=dev), torch.tensor(counts, device=dev),
-                                  output_size=len(pred_boxes))
-    pred_boxes = _clip(pred_boxes, sizes[img][:, None])[:, 1:]                 # no background
+    pred_boxes = _clip(pred_boxes, sizes[proposals.image_index()][:, None])[:, 1:]  # no background
     pred_scores = pred_scores[:, 1:]
     c = pred_scores.shape[1]
     # the images' proposals side by side: B x R x (C-1), rows past an image's count are padding
     r = max(counts) if counts else 0
-    slot_rows = torch.from_numpy(np.concatenate(
-        [i * r + np.arange(n) for i, n in enumerate(counts)] or [np.zeros(0, np.int64)])).to(dev)
+    slot_rows = _slots(counts, r, dev)
     boxes = pred_boxes.new_zeros((b * r, c, 4)).index_copy_(0, slot_rows, pred_boxes)
     scores = pred_scores.new_zeros((b * r, c)).index_copy_(0, slot_rows, pred_scores)
     present = torch.zeros(b * r, dtype=torch.bool, device=dev).index_fill_(0, slot_rows, True)
