@@ -36,6 +36,21 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+def coco_result_records(props, kind: str) -> list[dict]:
+    """COCO results dicts (``kind``: "segm" or "bbox") of ImageProposals, one per proposal,
+    built field by field, independently of segdist's encoders."""
+    records = []
+    for p in props:
+        for k in range(len(p)):
+            rec = {"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k])}
+            if kind == "segm":
+                rec["segmentation"] = {"size": [p.height, p.width], "counts": p.counts[k].decode()}
+            else:
+                rec["bbox"] = [float(v) for v in p.boxes[k]]
+            records.append(rec)
+    return records
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """Endpoint URL of a moto S3 server on loopback, with dummy credentials in the environment."""

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import coco_result_records
 from segdist.commands.demo import DemoPlan, run_demo
 
 TINY = DemoPlan(images=10, val_fraction=0.3, min_side=96, max_side=128, max_objects=3,
@@ -24,15 +25,7 @@ def _cocoeval_ar(coco_gt: dict, store, kind: str) -> list[float]:
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
-    results = []
-    for p in store.iter_images():
-        for k in range(len(p)):
-            r = {"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k])}
-            if kind == "segm":
-                r["segmentation"] = {"size": [p.height, p.width], "counts": p.counts[k].decode()}
-            else:
-                r["bbox"] = [float(v) for v in p.boxes[k]]
-            results.append(r)
+    results = coco_result_records(store.iter_images(), kind)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = coco_gt

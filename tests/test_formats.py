@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from conftest import coco_result_records
 from segdist import storage
 from segdist.errors import SegdistError
 from segdist.proposals import cocojson, layout
@@ -268,15 +269,7 @@ def test_coco_json_file_contents(tmp_path):
 def _reference_json(props, kind: str) -> bytes:
     """The COCO results text written record by record with json.dumps (what the bulk encoder must
     reproduce byte for byte)."""
-    records = []
-    for p in props:
-        for k in range(len(p)):
-            rec = {"image_id": p.image_id, "category_id": 1, "score": float(p.scores[k])}
-            if kind == "segm":
-                rec["segmentation"] = {"size": [p.height, p.width], "counts": p.counts[k].decode()}
-            else:
-                rec["bbox"] = [float(v) for v in p.boxes[k]]
-            records.append(json.dumps(rec, separators=(",", ":")))
+    records = [json.dumps(r, separators=(",", ":")) for r in coco_result_records(props, kind)]
     return ("[" + ",\n".join(records) + "]\n").encode("ascii")
 
 
