@@ -117,26 +117,31 @@ def _copied(out, args) -> bool:
     return out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr()
 
 
+_FETCHED = "_segdist_host_copy"
+
+
 @contextlib.contextmanager
 def counting_host_reads(counter: OpCounter) -> Iterator[None]:
     """Count ``Tensor.cpu()``, ``Tensor.tolist()`` and ``Tensor.numpy()`` calls as syncs (each a
     device-to-host copy on a GPU; on the CPU they dispatch nothing). ``.numpy()`` right after
-    ``.cpu()`` is one read: a tensor that ``.cpu()`` returned is remembered and not counted again."""
+    ``.cpu()`` is one read: a tensor that ``.cpu()`` returned carries a mark and is not counted
+    again (a mark on the tensor itself, not its ``id``: ids are reused once a tensor is freed)."""
     orig = {name: getattr(torch.Tensor, name) for name in ("cpu", "tolist", "numpy")}
-    fetched: set[int] = set()
 
     # A tensor on a GPU is counted by the dispatcher (its copy to the host); these hooks stand in
     # for the copies a GPU run would make of tensors that are on the CPU here.
     def cpu(self, *a, **k):
         out = orig["cpu"](self, *a, **k)
-        if self.device.type == "cpu" and id(self) not in fetched:
+        if self.device.type == "cpu" and not getattr(self, _FETCHED, False):
             counter.add_sync()
-        fetched.add(id(out))
+        if out is self:  # a CPU tensor's .cpu() is itself: mark an alias, not the tensor in use
+            out = out.view_as(out)
+        setattr(out, _FETCHED, True)
         return out
 
     def read(name):
         def f(self, *a, **k):
-            if self.device.type == "cpu" and id(self) not in fetched:
+            if self.device.type == "cpu" and not getattr(self, _FETCHED, False):
                 counter.add_sync()
             return orig[name](self, *a, **k)
         return f

@@ -33,6 +33,22 @@ def test_op_counter_counts_kernels_and_syncs():
     assert c.ops == 10, c.by_op
 
 
+def test_host_reads_are_counted_once_per_copy_even_when_ids_are_reused():
+    """``.cpu()`` then ``.numpy()`` is one read; a new tensor is counted even where it reuses the
+    memory (and ``id``) of one read before and freed (CI once saw a batch one read short)."""
+    c = OpCounter()
+    with profiling(c, Counter()):
+        for i in range(50):
+            t = torch.full((4,), float(i))
+            host = t.cpu()
+            assert host.numpy().tolist() == [float(i)] * 4  # the copy's own reads: not again
+            del t, host
+        kept = torch.ones(2)
+        kept.cpu()
+        kept.cpu()                        # the tensor in use is read again: counted again
+    assert c.syncs == 52
+
+
 def test_host_stage_counts_only_while_profiling():
     stages = Counter()
     with host_stage("x"):
