@@ -390,6 +390,26 @@ def test_parquet_and_coco_json_look_up_by_file_name(tmp_path):
     assert open_proposals(str(tmp_path / "plain")).file_names() == {}
 
 
+def test_box_only_coco_json_takes_image_sizes_from_images_json(tmp_path):
+    """COCO box results carry no image size; segdist's images.json beside them has the size the
+    job decoded (an image folder lists none), so a reader gets it even without the masks."""
+    out = str(tmp_path / "run")
+    sizes = {7: (8, 10), 9: (30, 20)}
+    boxes = [ImageProposals(i, 0, 0, [0.9, 0.4], [[1, 1, 3, 4], [0, 0, 2, 2]], None, "test")
+             for i in sizes]
+    layout.write_chunk(out, 0, boxes, ["coco-json"])
+    coco = os.path.join(out, "coco-json")
+    assert [(p.height, p.width) for p in open_proposals(coco, model="test").iter_images()] == \
+        [(0, 0), (0, 0)]  # results alone: no size anywhere
+    layout.write_images_index(out, [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w}
+                                    for i, (h, w) in sizes.items()])
+    store = open_proposals(coco, model="test")
+    got = {p.image_id: (p.height, p.width) for p in store.iter_images()}
+    assert got == sizes and store.get(9).boxes.tolist() == [[1, 1, 3, 4], [0, 0, 2, 2]]
+    assert [(p.height, p.width) for s in store.shards() for p in s.read(masks=False)] == \
+        list(sizes.values())
+
+
 def test_chained_uris_join_and_mmdet_keys():
     assert join("simplecache::s3://bucket/photos", "sub/a.jpg") == \
         "simplecache::s3://bucket/photos/sub/a.jpg"

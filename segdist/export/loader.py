@@ -5,8 +5,8 @@ images of a COCO-format :class:`~segdist.data.records.Dataset`. A sample (a dict
 
 - ``image_id`` (int), ``uri`` (str), ``height``/``width`` (int): the dataset record's size, else
   (an image folder lists none) the size the proposals were written with (Parquet metadata,
-  COCO-JSON masks), else the decoded image's; 0 only for box-only COCO results read with
-  ``load_images=False``;
+  COCO-JSON masks, the job's ``images.json`` beside box-only COCO-JSON), else the decoded image's;
+  0 only for box-only COCO results without an ``images.json``, read with ``load_images=False``;
 - ``image``: uint8 Tensor[3, H, W] RGB (only with ``load_images=True``; decoded with
   :func:`segdist.imageio.read_image`);
 - ``gt``: ``boxes`` float32 Tensor[M, 4] **xyxy** in pixels, ``labels`` int64[M] (COCO

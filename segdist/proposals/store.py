@@ -373,13 +373,14 @@ class CocoResultsStore(ProposalStore):
         self._index: dict[int, int] | None = None
         self._spans: list[tuple[int, int]] = []
         self._cached: tuple[int, dict[int, ImageProposals]] | None = None
+        self._images: tuple[int, list[dict[str, Any]]] | None = None  # (pid, images.json's images)
 
     def _reset_caches(self) -> None:
         self._cached = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_cached"] = None
+        state["_cached"] = state["_images"] = None
         return state
 
     def shards(self) -> list[Shard]:
@@ -410,7 +411,15 @@ class CocoResultsStore(ProposalStore):
             segm, bbox = None, segm  # a single box-only results file
         if segm is None and bbox is None:
             return []
-        return cocojson.decode(segm, bbox, model=self.model, source=segm_path or bbox_path or "")
+        images = cocojson.decode(segm, bbox, model=self.model, source=segm_path or bbox_path or "")
+        if any(not (p.height and p.width) for p in images):
+            # box-only results carry no size: segdist's images.json has the one the job decoded
+            sizes = {int(im["id"]): (int(im.get("height") or 0), int(im.get("width") or 0))
+                     for im in self._images_index()}
+            for p in images:
+                if not (p.height and p.width) and p.image_id in sizes:
+                    p.height, p.width = sizes[p.image_id]
+        return images
 
     def _chunk(self, k: int) -> dict[int, ImageProposals]:
         if self._pid == os.getpid() and self._cached is not None and self._cached[0] == k:
@@ -459,18 +468,27 @@ class CocoResultsStore(ProposalStore):
 
     def file_names(self) -> dict[int, str]:
         """From ``images.json`` beside segdist's COCO-JSON chunks (written by the job)."""
-        if self.kind != "coco-json" or not self.chunks:
-            return {}
-        first = next(p for p in self.chunks[0] if p is not None)
-        path = first.rsplit("/", 1)[0] + "/" + layout.IMAGES_INDEX
-        try:
-            doc = json.loads(self._fs().cat_file(path))
-        except FileNotFoundError:
-            return {}
-        except ValueError as exc:
-            raise SegdistError(f"{path} is not valid JSON ({exc})") from None
-        return {int(im["id"]): im["file_name"] for im in doc.get("images", [])
+        return {int(im["id"]): im["file_name"] for im in self._images_index()
                 if "file_name" in im}
+
+    def _images_index(self) -> list[dict[str, Any]]:
+        """The ``images`` of ``images.json`` beside segdist's COCO-JSON chunks (id, file_name,
+        height, width; written by the job at its end); empty where there is none. Read once per
+        process."""
+        if self._images is not None and self._images[0] == os.getpid():
+            return self._images[1]
+        images: list[dict[str, Any]] = []
+        if self.kind == "coco-json" and self.chunks:
+            first = next(p for p in self.chunks[0] if p is not None)
+            path = first.rsplit("/", 1)[0] + "/" + layout.IMAGES_INDEX
+            try:
+                images = json.loads(self._fs().cat_file(path)).get("images", [])
+            except FileNotFoundError:
+                pass
+            except ValueError as exc:
+                raise SegdistError(f"{path} is not valid JSON ({exc})") from None
+        self._images = (os.getpid(), images)
+        return images
 
 
 def _read_manifest(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str, Any] | None:
