@@ -381,6 +381,12 @@ def test_resume_redoes_a_chunk_whose_record_covers_other_images(tmp_path):
     assert sorted(state.scan_committed(out, 2, None).committed) == [0, 1]  # without the plan: by name only
     assert sorted(state.scan_committed(out, 2, None, plan).committed) == [1]
     assert sorted(state.scan_committed(out, 2, None, [[1, 2, 3], [5, 6, 7, 8]]).committed) == [0, 1]
+    # The records an image folder's plan read are taken as they are, not read again.
+    records = state.read_chunk_records(out, None)
+    assert {i: r.covered_ids for i, r in records.items()} == {0: [1, 2, 3], 1: [5, 6, 7, 8]}
+    Path(state.chunk_record_uri(out, 1)).unlink()  # the scan would now miss it if it read again
+    assert sorted(state.scan_committed(out, 2, None, plan, records=records).committed) == [1]
+    assert sorted(state.scan_committed(out, 2, None, plan).committed) == []
 
 
 def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
@@ -388,8 +394,9 @@ def test_resume_refuses_chunks_beyond_the_plan(tmp_path):
     out = str(tmp_path / "out")
     for i in range(3):
         _fake_commit(out, i, [4 * i + k for k in range(4)])
-    with pytest.raises(SegdistError, match="chunk-000002.json.*fewer images.*--overwrite"):
-        state.scan_committed(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]])
+    for records in (None, state.read_chunk_records(out, None)):
+        with pytest.raises(SegdistError, match="chunk-000002.json.*fewer images.*--overwrite"):
+            state.scan_committed(out, 2, None, [[0, 1, 2, 3], [4, 5, 6, 7]], records=records)
 
 
 def test_overwrite_clears_only_the_jobs_own_files(tmp_path):

@@ -203,9 +203,9 @@ def _run(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | Non
     """Steps 3-8, with the output's lease held."""
     retry_s = cfg.resources.storage_retry_s
     record = _claim_output(cfg, out, overwrite, created=started)
-    plan = _plan(cfg, out, dataset, plan)
+    plan, records = _plan(cfg, out, dataset, plan)
     scan = state.scan_committed(out, len(plan), cfg.output.storage_options,
-                                [c.image_ids for c in plan], retry_s)
+                                [c.image_ids for c in plan], retry_s, records)
     committed = scan.committed
     todo = [c for c in plan if c.index not in committed]
     if committed:
@@ -278,16 +278,19 @@ def _claim_output(cfg: JobConfig, out: str, overwrite: bool, created: str) -> st
 
 
 def _plan(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec] | None
-          ) -> list[ChunkSpec]:
+          ) -> tuple[list[ChunkSpec], dict[int, state.ChunkRecord] | None]:
     """The chunk plan: an image folder grows, so its plan keeps the chunks the output holds
-    (:func:`plan_incremental`), made once the output's records are known to be this config's."""
+    (:func:`plan_incremental`), made once the output's records are known to be this config's.
+    Returns the plan and the chunk records read for it (None where the plan needed none)."""
+    records = None
     if plan is None:
+        records = state.read_chunk_records(out, cfg.output.storage_options,
+                                           cfg.resources.storage_retry_s)
         plan = plan_incremental(dataset.images, cfg.output.chunk_size,
-                                state.recorded_chunk_ids(out, cfg.output.storage_options,
-                                                         cfg.resources.storage_retry_s))
+                                {i: r.covered_ids for i, r in records.items()})
     log.info("dataset %s: %d images in %d chunks of %d; proposals go to %s (%s)", dataset.name,
              len(dataset), len(plan), cfg.output.chunk_size, out, ", ".join(cfg.output.formats))
-    return plan
+    return plan, records
 
 
 def _dispatch(cfg: JobConfig, out: str, dataset: Dataset, plan: list[ChunkSpec],

@@ -218,15 +218,14 @@ def _read_records(out_uri: str, indices: Sequence[int], storage_options: Mapping
     return {i: ChunkRecord.from_dict(raw) for i, raw in zip(indices, raws) if raw is not None}
 
 
-def recorded_chunk_ids(out_uri: str, storage_options: Mapping[str, Any] | None,
-                       retry_s: float = 0.0) -> dict[int, list[int]]:
-    """Chunk index -> the image ids its record covers, for every chunk record under the output
-    (whether or not its files are all there): what :func:`segdist.job.plan.plan_incremental`
-    keeps in place."""
+def read_chunk_records(out_uri: str, storage_options: Mapping[str, Any] | None,
+                       retry_s: float = 0.0) -> dict[int, ChunkRecord]:
+    """Chunk index -> record, for every chunk record under the output (whether or not its files
+    are all there). Their ``covered_ids`` are what :func:`segdist.job.plan.plan_incremental`
+    keeps in place; :func:`scan_committed` takes them instead of reading them again."""
     names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options, retry_s)
     indices = sorted(int(m.group(1)) for m in map(_RECORD_FILE.match, names) if m)
-    return {i: rec.covered_ids
-            for i, rec in _read_records(out_uri, indices, storage_options, retry_s).items()}
+    return _read_records(out_uri, indices, storage_options, retry_s)
 
 
 @dataclass
@@ -259,8 +258,8 @@ def _file_mismatch(path: str, recorded: Mapping[str, Any], listed: Mapping[str, 
 
 
 def scan_committed(out_uri: str, n_chunks: int, storage_options: Mapping[str, Any] | None,
-                   plan_ids: Sequence[Sequence[int]] | None = None, retry_s: float = 0.0
-                   ) -> ResumeScan:
+                   plan_ids: Sequence[Sequence[int]] | None = None, retry_s: float = 0.0,
+                   records: Mapping[int, ChunkRecord] | None = None) -> ResumeScan:
     """Chunks of this plan that a previous run committed: a record exists, and each file it lists
     exists with the recorded size (and ETag, where recorded); the chunks whose files do not match
     their record are returned as damaged (and are redone).
@@ -271,9 +270,14 @@ def scan_committed(out_uri: str, n_chunks: int, storage_options: Mapping[str, An
     beyond the plan (the dataset shrank) is refused: its files would stay in the output.
 
     Lists each folder once (with sizes and ETags) instead of probing every file (thousands of
-    HEAD requests on S3).
+    HEAD requests on S3). ``records``: every chunk record of the output as
+    :func:`read_chunk_records` returned them (the plan of an image folder needed them), not read
+    again.
     """
-    names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options, retry_s)
+    if records is None:
+        names = _list_names(state_uri(out_uri, CHUNKS_DIR), storage_options, retry_s)
+    else:
+        names = [layout.chunk_name(i) + ".json" for i in records]
     if plan_ids is not None:
         wanted_names = {layout.chunk_name(i) + ".json" for i in range(n_chunks)}
         beyond = sorted(n for n in names if n.startswith(CHUNK_PREFIX) and n.endswith(".json")
@@ -288,7 +292,9 @@ def scan_committed(out_uri: str, n_chunks: int, storage_options: Mapping[str, An
     if not wanted:
         return scan
     listings: dict[str, dict[str, dict[str, Any]]] = {}
-    for i, rec in _read_records(out_uri, wanted, storage_options, retry_s).items():
+    found = (_read_records(out_uri, wanted, storage_options, retry_s) if records is None
+             else {i: records[i] for i in wanted})
+    for i, rec in found.items():
         if plan_ids is not None and sorted(rec.covered_ids) != sorted(plan_ids[i]):
             log.warning("%s: its record lists other images than this run's plan (the dataset "
                         "changed since); redoing it", rec.name)
