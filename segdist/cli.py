@@ -139,3 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"segdist {args.command}: error: {translate(exc, 'the store', 'use')}",
                   file=sys.stderr)
             return 2
+
+
+if __name__ == "__main__":  # python -m segdist.cli, as python -m segdist
+    raise SystemExit(main())
