@@ -28,9 +28,13 @@ install-test: $(VENV)/bin/activate
 demo: install
 	$(VENV)/bin/segdist demo
 
-# pytest exits 5 when it collected no tests: not a failure of the code.
+# pytest exits 5 when it collected no tests: not a failure of the code. Two test processes
+# (pytest-xdist, a test file per process at a time: module fixtures are made once): much of the
+# suite waits on Ray, servers and subprocesses, so two share 2 cores well (tests/conftest.py gives
+# each one torch thread). TEST_PROCS=0 runs in one process.
+TEST_PROCS ?= 2
 test: install-test
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_PROCS) --dist loadfile tests; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -18,6 +18,13 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p] + [_TESTS])
 
+# Under pytest-xdist (``-n 2``) two test processes share the machine's cores: one torch intra-op
+# thread each, or every small op waits on an oversubscribed thread pool.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def free_port() -> int:
     return free_ports(1)[0]
