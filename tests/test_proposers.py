@@ -5,6 +5,7 @@ after changing only execution settings."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -119,6 +120,85 @@ def test_a_proposer_registered_in_the_test_runs_through_the_job(ray_cluster, tmp
         assert masks[:bh, :bw, 0].all() and masks[..., 0].sum() == bh * bw
         assert masks[h - bh:, w - bw:, 1].all() and masks[..., 1].sum() == bh * bw
         assert np.array_equal(p.scores, np.float32([0.9, 0.4])) and p.model == "toy-quadrants"
+
+
+# -------------------------------------------------------------------------------------------------
+# A proposer another installed package publishes as a ``segdist.proposers`` entry point
+
+
+def installed_plugin(root: Path, entries: dict[str, str]) -> Path:
+    """What installing a package that publishes ``entries`` leaves on its path: a dist-info with
+    its METADATA and entry_points.txt (the builders' modules are found on the path as they are)."""
+    info = root / "toyplug-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyplug\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[segdist.proposers]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items()))
+    return root
+
+
+def test_an_installed_plugin_runs_from_the_cli_and_a_broken_one_says_what_to_fix(tmp_path):
+    from PIL import Image
+
+    root = installed_plugin(tmp_path / "site", {"toy-quadrants": "test_proposers:build_quadrants",
+                                                "toy-broken": "no_such_package.proposer:build",
+                                                "deepmask": "test_proposers:build_quadrants"})
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(image)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(root), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+
+    def show(*args):
+        return subprocess.run([sys.executable, "-m", "segdist", "show", str(image), *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
+
+    out = tmp_path / "overlay.png"
+    ok = show("--model", "toy-quadrants", "--set", "fraction=0.25", "--out", str(out))
+    assert ok.returncode == 0, ok.stderr
+    assert f"{out}: 2 proposals of toy-quadrants drawn over" in ok.stdout
+    drawn = np.asarray(Image.open(out).convert("RGB"))
+    assert drawn.shape == (40, 60, 3) and (drawn[:10, :15] != 90).any()  # the top-left quarter
+    bad = show("--model", "toy-quadrants", "--set", "no_such=1")
+    assert bad.returncode == 2 and "model.no_such" in bad.stderr
+    broken = show("--model", "toy-broken")
+    assert broken.returncode == 2 and "Traceback" not in broken.stderr
+    assert "proposer 'toy-broken': cannot import its builder no_such_package.proposer:build" \
+        in broken.stderr and "install or fix the package" in broken.stderr
+    # a built-in name stays the built-in's (the entry point is skipped, with a warning)
+    code = ("from segdist.proposers import PROPOSERS, PluginBuilder; "
+            "print(type(PROPOSERS['deepmask']).__name__, sorted(n for n, b in PROPOSERS.items() "
+            "if isinstance(b, PluginBuilder)))")
+    listed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True, check=True)
+    assert listed.stdout.split("\n")[0] == "function ['toy-broken', 'toy-quadrants']"
+    assert "entry point deepmask = test_proposers:build_quadrants" in listed.stderr
+
+
+def test_a_plugin_proposer_runs_through_the_job(ray_cluster, tmp_path, monkeypatch):
+    """The driver ships the plugin's builder as its entry point (two strings); each worker imports
+    the module itself."""
+    import pickle
+
+    from segdist.proposers import PluginBuilder, load_plugins
+
+    monkeypatch.syspath_prepend(str(installed_plugin(
+        tmp_path / "site", {"toy-quadrants": "test_proposers:build_quadrants"})))
+    assert load_plugins() == ["toy-quadrants"]
+    try:
+        builder = PROPOSERS["toy-quadrants"]
+        assert isinstance(builder, PluginBuilder) and config_class("toy-quadrants") is QuadrantsConfig
+        assert pickle.loads(pickle.dumps(builder)).__getstate__() == \
+            {"name": "toy-quadrants", "value": "test_proposers:build_quadrants", "_builder": None}
+        data = make_data(str(tmp_path / "data"), 3)
+        out = str(tmp_path / "out")
+        result = run_job(job_config(data, out, model={"name": "toy-quadrants", "fraction": 0.5}),
+                         progress=False)
+        assert result.complete and result.proposals == 6
+        for p in open_proposals(out).iter_images():
+            assert p.model == "toy-quadrants" and np.array_equal(p.scores, np.float32([0.9, 0.4]))
+            assert p.boxes[0].tolist() == [0, 0, round(p.width * 0.5), round(p.height * 0.5)]
+    finally:
+        PROPOSERS.pop("toy-quadrants", None)
 
 
 # -------------------------------------------------------------------------------------------------
