@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from segdist.job.worker import _ray_node_id  # the node id the job records, for the calls log
 from segdist.proposals.types import ImageProposals
 from segdist.proposers import PROPOSERS, dense
 from segdist.proposers.dense import DenseConfig
@@ -58,12 +59,6 @@ class Fault:
             time.sleep(3600)
 
 
-def _node() -> str | None:
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
 class FaultyProposer:
     """The dense proposer, logging each call (``calls``), then firing ``fault`` after it ran on a
     batch holding the fault's image."""
@@ -76,7 +71,7 @@ class FaultyProposer:
     def _log(self, **entry) -> None:
         if self.calls is None:
             return
-        line = json.dumps({"pid": os.getpid(), "node": _node(), **entry})
+        line = json.dumps({"pid": os.getpid(), "node": _ray_node_id(), **entry})
         # One write of one short line with O_APPEND: lines from many processes never mix.
         fd = os.open(self.calls, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         try:
