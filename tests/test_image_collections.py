@@ -408,6 +408,13 @@ def test_box_only_coco_json_takes_image_sizes_from_images_json(tmp_path):
     assert got == sizes and store.get(9).boxes.tolist() == [[1, 1, 3, 4], [0, 0, 2, 2]]
     assert [(p.height, p.width) for s in store.shards() for p in s.read(masks=False)] == \
         list(sizes.values())
+    # Chunks with masks read without them (bbox evaluation) do not read images.json at all.
+    masked = str(tmp_path / "masked")
+    layout.write_chunk(masked, 0, [props(7)], ["coco-json"])
+    layout.write_images_index(masked, [{"id": 7, "file_name": "7.jpg", "height": 8, "width": 10}])
+    store = open_proposals(os.path.join(masked, "coco-json"), model="test")
+    assert [p.counts for c in store.iter_chunks(masks=False) for p in c] == [None]
+    assert store._images is None
 
 
 def test_chained_uris_join_and_mmdet_keys():

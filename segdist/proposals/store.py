@@ -392,6 +392,7 @@ class CocoResultsStore(ProposalStore):
     def _load(self, k: int, masks: bool = True) -> list[ImageProposals]:
         fs = self._fs()
         segm_path, bbox_path = self.chunks[k]
+        box_only = segm_path is None  # the chunk has no masks (not merely left unread)
         if not masks and bbox_path is not None:
             segm_path = None
 
@@ -409,11 +410,13 @@ class CocoResultsStore(ProposalStore):
             bbox = segm  # a single results file carrying both (e.g. a detector's output)
         if segm is not None and segm and "segmentation" not in segm[0]:
             segm, bbox = None, segm  # a single box-only results file
+            box_only = True
         if segm is None and bbox is None:
             return []
         images = cocojson.decode(segm, bbox, model=self.model, source=segm_path or bbox_path or "")
-        if any(not (p.height and p.width) for p in images):
+        if box_only and any(not (p.height and p.width) for p in images):
             # box-only results carry no size: segdist's images.json has the one the job decoded
+            # (a chunk with masks read without them is left as asked: no extra read)
             sizes = {int(im["id"]): (int(im.get("height") or 0), int(im.get("width") or 0))
                      for im in self._images_index()}
             for p in images:
