@@ -23,7 +23,7 @@ import torch
 from segdist.commands.bench import _mix_images
 from segdist.commands.bench_profile import size_mix
 from segdist.config import model_config
-from segdist.proposers import build_proposer
+from segdist.proposers import build_proposer, config_class
 
 
 def compare(together, alone) -> dict:
@@ -56,7 +56,7 @@ def main() -> None:
     for preset in args.presets.split(","):
         options = dict(name=preset, device=args.device, proposals=args.proposals,
                        batch_size=64, memory_budget_mb=args.memory_budget_mb)
-        if not preset.startswith("maskrcnn"):
+        if "trunk" in config_class(preset).model_fields:  # the families that have one
             options["trunk"] = args.trunk
         proposer = build_proposer(model_config(**options))
         t0 = time.perf_counter()
